@@ -1,0 +1,202 @@
+"""Prompts and tokens: where the subject sits, how likely a target is, what the model says next.
+
+Subjects are located by character offsets, not by counting tokens of a prefix: BPE
+merges across the boundary ("The Eiffel" may split as "The", " E", "iffel"), and
+counting prefix tokens then misses by one. Every function here works for both
+tokenizer families memit_lab supports -- byte-level BPE (GPT-2, SmolLM2, Qwen2) and
+SentencePiece style (Llama-2, with a ``<s>`` token in front).
+
+A *target* is scored as the continuation ``prompt + " " + target`` (one space
+between, as in the paper's code), teacher-forced, so multi-token targets work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import BatchEncoding, PreTrainedTokenizerBase
+
+from .models import LoadedModel
+
+__all__ = [
+    "SubjectNotFoundError",
+    "TargetScores",
+    "continuation",
+    "encode",
+    "generate",
+    "last_subject_token",
+    "subject_token_span",
+    "target_scores",
+    "top_predictions",
+]
+
+
+class SubjectNotFoundError(ValueError):
+    """The subject does not occur in the prompt."""
+
+
+def check_prompt(prompt: str) -> None:
+    """Refuse empty or blank prompts with a message that says what to pass."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
+
+
+def subject_token_span(tokenizer: PreTrainedTokenizerBase, prompt: str, subject: str) -> tuple[int, int]:
+    """Token positions ``[start, end)`` covering the first occurrence of ``subject`` in ``prompt``.
+
+    A token belongs to the subject when its characters overlap the subject's
+    characters (a leading space glued to the first subject token counts as part of it).
+    Positions index the ids that ``tokenizer(prompt)`` produces, special tokens included.
+
+    Example:
+        >>> from memit_lab.tiny import tiny_tokenizer
+        >>> tok = tiny_tokenizer("byte-level")
+        >>> start, end = subject_token_span(tok, "The Eiffel Tower is in", "Eiffel Tower")
+        >>> tok.convert_ids_to_tokens(tok("The Eiffel Tower is in").input_ids[start:end])
+        ['ĠEiffel', 'ĠTower']
+    """
+    check_prompt(prompt)
+    if not subject or not subject.strip():
+        raise ValueError("subject must be a non-empty string")
+    begin = prompt.find(subject)
+    if begin < 0:
+        raise SubjectNotFoundError(
+            f"subject {subject!r} does not occur in prompt {prompt!r}; write the prompt so it contains "
+            "the subject verbatim (same case and spelling)"
+        )
+    stop = begin + len(subject)
+    offsets = tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"]
+    inside = [i for i, (a, b) in enumerate(offsets) if b > a and a < stop and b > begin]
+    return inside[0], inside[-1] + 1
+
+
+def last_subject_token(tokenizer: PreTrainedTokenizerBase, prompt: str, subject: str) -> int:
+    """Position of the subject's last token -- where MEMIT reads keys and writes values."""
+    return subject_token_span(tokenizer, prompt, subject)[1] - 1
+
+
+def encode(lm: LoadedModel, prompts: Sequence[str]) -> BatchEncoding:
+    """Tokenise a batch, padded on the right, on the model's device."""
+    for prompt in prompts:
+        check_prompt(prompt)
+    return lm.tokenizer(list(prompts), return_tensors="pt", padding=True).to(lm.device)
+
+
+def continuation(prompt: str, target: str) -> str:
+    """The text scored for ``target`` after ``prompt``: one space between them."""
+    return prompt.rstrip() + " " + target.strip()
+
+
+@dataclass(frozen=True)
+class TargetScores:
+    """Log-probabilities of target continuations, one entry per (prompt, target) pair.
+
+    Attributes:
+        token_logprobs: per pair, ``[n_target_tokens]`` log P of each target token.
+        tokens: per pair, the target's tokens as strings.
+    """
+
+    token_logprobs: list[torch.Tensor]
+    tokens: list[list[str]]
+
+    @property
+    def sum_logprob(self) -> torch.Tensor:
+        """``[batch]`` log P(target | prompt), the whole sequence."""
+        return torch.stack([t.sum() for t in self.token_logprobs])
+
+    @property
+    def mean_logprob(self) -> torch.Tensor:
+        """``[batch]`` average per-token log P (what the paper's metrics compare)."""
+        return torch.stack([t.mean() for t in self.token_logprobs])
+
+    @property
+    def prob(self) -> torch.Tensor:
+        """``[batch]`` P(target | prompt)."""
+        return self.sum_logprob.exp()
+
+
+@torch.no_grad()
+def target_scores(
+    lm: LoadedModel, prompts: Sequence[str], targets: Sequence[str], *, batch_size: int = 32
+) -> TargetScores:
+    """Teacher-forced log-probabilities of each ``target`` after its ``prompt``.
+
+    Example:
+        >>> from memit_lab import load_model
+        >>> lm = load_model("tiny-llama")
+        >>> s = target_scores(lm, ["The capital of France is"], ["Paris"])
+        >>> s.tokens
+        [['▁Paris']]
+        >>> bool(s.prob[0] < 1)
+        True
+    """
+    if len(prompts) != len(targets):
+        raise ValueError(f"got {len(prompts)} prompts but {len(targets)} targets; pass one target per prompt")
+    for prompt, target in zip(prompts, targets, strict=True):
+        check_prompt(prompt)
+        if not isinstance(target, str) or not target.strip():
+            raise ValueError(f"target must be a non-empty string, got {target!r} (prompt {prompt!r})")
+    logprobs: list[torch.Tensor] = []
+    tokens: list[list[str]] = []
+    for lo in range(0, len(prompts), batch_size):
+        texts = [continuation(p, t) for p, t in zip(prompts[lo : lo + batch_size], targets[lo : lo + batch_size])]
+        enc = lm.tokenizer(texts, return_tensors="pt", padding=True, return_offsets_mapping=True)
+        offsets = enc.pop("offset_mapping")
+        logits = lm.model(**enc.to(lm.device)).logits.float().log_softmax(-1).cpu()
+        for row, prompt in enumerate(prompts[lo : lo + batch_size]):
+            boundary = len(prompt.rstrip())
+            positions = [
+                i for i, (a, b) in enumerate(offsets[row].tolist()) if b > a and b > boundary and enc.attention_mask[row, i]
+            ]
+            ids = enc.input_ids[row, positions].cpu()
+            # The logit that predicts token i sits at position i - 1.
+            logprobs.append(logits[row, torch.tensor(positions) - 1].gather(-1, ids[:, None])[:, 0])
+            tokens.append(lm.tokenizer.convert_ids_to_tokens(ids.tolist()))
+    return TargetScores(logprobs, tokens)
+
+
+@torch.no_grad()
+def top_predictions(lm: LoadedModel, prompts: Sequence[str], k: int = 5) -> list[list[tuple[str, float]]]:
+    """The ``k`` most likely next tokens after each prompt, with probabilities.
+
+    Example:
+        >>> from memit_lab import load_model
+        >>> lm = load_model("tiny-qwen2")
+        >>> preds = top_predictions(lm, ["The Eiffel Tower is in"], k=3)
+        >>> len(preds[0]), all(0 <= p <= 1 for _, p in preds[0])
+        (3, True)
+    """
+    enc = encode(lm, prompts)
+    logits = lm.model(**enc).logits.float()
+    last = enc.attention_mask.sum(1) - 1
+    probs = logits[torch.arange(len(prompts)), last].softmax(-1)
+    values, ids = probs.topk(k, dim=-1)
+    return [
+        [(lm.tokenizer.decode([int(i)]), float(v)) for i, v in zip(row_ids, row_vals)]
+        for row_ids, row_vals in zip(ids.cpu(), values.cpu())
+    ]
+
+
+@torch.no_grad()
+def generate(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int = 20) -> list[str]:
+    """Greedy continuations (the new text only), batched with left padding."""
+    for prompt in prompts:
+        check_prompt(prompt)
+    tokenizer = lm.tokenizer
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(list(prompts), return_tensors="pt", padding=True).to(lm.device)
+    finally:
+        tokenizer.padding_side = "right"
+    out = lm.model.generate(
+        **enc,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        top_p=None,
+        top_k=None,
+        temperature=None,
+    )
+    return tokenizer.batch_decode(out[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
