@@ -64,7 +64,6 @@ class Adapter:
         w_out_transposed: True when the weight is stored ``[d_mlp, d_model]``.
         parallel: True when attention and MLP read the same block input (GPT-J,
             NeoX); a ``str`` names the boolean config attribute that decides.
-        d_mlp_attr: the config attribute holding the MLP width (``None``: 4 x d_model).
     """
 
     name: str
@@ -106,13 +105,14 @@ class Adapter:
     # -- W_out in the paper's orientation ------------------------------------------
     def w_out_weight(self, model: nn.Module, layer: int) -> torch.Tensor:
         """W_out^l as ``[d_model, d_mlp]`` (m = W k), a view of the live parameter."""
-        weight = model.get_submodule(self.w_out_module(layer)).weight
+        weight = self.w_out_parameter(model, layer)
         return weight.T if self.w_out_transposed else weight
 
     def w_out_parameter(self, model: nn.Module, layer: int) -> nn.Parameter:
         """The stored parameter itself, in whatever orientation the model keeps it."""
         param = model.get_submodule(self.w_out_module(layer)).weight
-        assert isinstance(param, nn.Parameter)
+        if not isinstance(param, nn.Parameter):
+            raise TypeError(f"{self.w_out_module(layer)}.weight is not a parameter; check the adapter entry")
         return param
 
     def to_stored(self, delta: torch.Tensor) -> torch.Tensor:

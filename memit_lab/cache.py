@@ -18,6 +18,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 __all__ = ["atomic_dir", "cache_root", "file_digest", "locked", "read_manifest", "write_manifest"]
 
@@ -89,7 +90,7 @@ def write_manifest(folder: Path, extra: dict[str, object] | None = None) -> None
     (folder / MANIFEST).write_text(json.dumps({"files": files, **(extra or {})}, indent=1))
 
 
-def read_manifest(folder: Path, *, full_check: bool = False) -> dict[str, object] | None:
+def read_manifest(folder: Path, *, full_check: bool = False) -> dict[str, Any] | None:
     """The manifest of a cache folder if every file in it is intact, else ``None``.
 
     Sizes are always checked. Digests are checked when ``full_check`` is set or when a
@@ -98,7 +99,7 @@ def read_manifest(folder: Path, *, full_check: bool = False) -> dict[str, object
     """
     path = folder / MANIFEST
     try:
-        manifest = json.loads(path.read_text())
+        manifest: dict[str, Any] = json.loads(path.read_text())
         written = path.stat().st_mtime_ns
         for name, meta in manifest["files"].items():
             stat = (folder / name).stat()
@@ -108,4 +109,4 @@ def read_manifest(folder: Path, *, full_check: bool = False) -> dict[str, object
                 return None
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return manifest  # type: ignore[no-any-return]  # json gives Any
+    return manifest

@@ -78,7 +78,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_demo(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]  # argparse's private generic
+def _add_demo(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("demo", help="load the bundled model and show what it knows")
     _add_common(parser)
     parser.add_argument("prompts", nargs="*", help="prompts to complete (default: a few fact prompts)")
@@ -86,7 +86,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg
     parser.set_defaults(func=_cmd_demo)
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo]  # type: ignore[type-arg]  # same
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

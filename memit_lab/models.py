@@ -26,6 +26,8 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ from urllib.parse import urlparse
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from .adapters import Adapter, adapter_for_model
 from .cache import atomic_dir, cache_root, locked, read_manifest, write_manifest
@@ -189,8 +192,21 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     return True
 
 
+@contextmanager
+def _quiet_progress() -> Iterator[None]:
+    """Hide transformers' per-tensor progress bar: a load is a fraction of a second here."""
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def _from_pretrained(source: str | Path, kwargs: dict[str, Any]) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    with _quiet_progress():
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(source, **{k: v for k, v in kwargs.items() if k == "local_files_only"})
     return model, tokenizer
 

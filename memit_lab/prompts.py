@@ -128,7 +128,7 @@ def target_scores(
         >>> lm = load_model("tiny-llama")
         >>> s = target_scores(lm, ["The capital of France is"], ["Paris"])
         >>> s.tokens
-        [['▁Paris']]
+        [['▁Pari', 's']]
         >>> bool(s.prob[0] < 1)
         True
     """
@@ -141,14 +141,17 @@ def target_scores(
     logprobs: list[torch.Tensor] = []
     tokens: list[list[str]] = []
     for lo in range(0, len(prompts), batch_size):
-        texts = [continuation(p, t) for p, t in zip(prompts[lo : lo + batch_size], targets[lo : lo + batch_size])]
+        chunk = zip(prompts[lo : lo + batch_size], targets[lo : lo + batch_size], strict=True)
+        texts = [continuation(p, t) for p, t in chunk]
         enc = lm.tokenizer(texts, return_tensors="pt", padding=True, return_offsets_mapping=True)
         offsets = enc.pop("offset_mapping")
         logits = lm.model(**enc.to(lm.device)).logits.float().log_softmax(-1).cpu()
         for row, prompt in enumerate(prompts[lo : lo + batch_size]):
             boundary = len(prompt.rstrip())
             positions = [
-                i for i, (a, b) in enumerate(offsets[row].tolist()) if b > a and b > boundary and enc.attention_mask[row, i]
+                i
+                for i, (a, b) in enumerate(offsets[row].tolist())
+                if b > a and b > boundary and enc.attention_mask[row, i]
             ]
             ids = enc.input_ids[row, positions].cpu()
             # The logit that predicts token i sits at position i - 1.
@@ -174,8 +177,8 @@ def top_predictions(lm: LoadedModel, prompts: Sequence[str], k: int = 5) -> list
     probs = logits[torch.arange(len(prompts)), last].softmax(-1)
     values, ids = probs.topk(k, dim=-1)
     return [
-        [(lm.tokenizer.decode([int(i)]), float(v)) for i, v in zip(row_ids, row_vals)]
-        for row_ids, row_vals in zip(ids.cpu(), values.cpu())
+        [(lm.tokenizer.decode([int(i)]), float(v)) for i, v in zip(row_ids, row_vals, strict=True)]
+        for row_ids, row_vals in zip(ids.cpu(), values.cpu(), strict=True)
     ]
 
 

@@ -84,7 +84,7 @@ def _sentencepiece_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_tokenizer(style: str = "byte-level", vocab_size: int = 512) -> PreTrainedTokenizerFast:
+def tiny_tokenizer(style: str = "byte-level", vocab_size: int = 1024) -> PreTrainedTokenizerFast:
     """A small real tokenizer: ``"byte-level"`` (GPT-2 style) or ``"sentencepiece"`` (Llama style)."""
     if style == "byte-level":
         return _byte_level_tokenizer(vocab_size)
