@@ -31,6 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from jaxtyping import Float
 from torch import nn
 
 __all__ = [
@@ -103,7 +104,7 @@ class Adapter:
         return self.parallel
 
     # -- W_out in the paper's orientation ------------------------------------------
-    def w_out_weight(self, model: nn.Module, layer: int) -> torch.Tensor:
+    def w_out_weight(self, model: nn.Module, layer: int) -> Float[torch.Tensor, "d_model d_mlp"]:
         """W_out^l as ``[d_model, d_mlp]`` (m = W k), a view of the live parameter."""
         weight = self.w_out_parameter(model, layer)
         return weight.T if self.w_out_transposed else weight
@@ -115,7 +116,7 @@ class Adapter:
             raise TypeError(f"{self.w_out_module(layer)}.weight is not a parameter; check the adapter entry")
         return param
 
-    def to_stored(self, delta: torch.Tensor) -> torch.Tensor:
+    def to_stored(self, delta: Float[torch.Tensor, "d_model d_mlp"]) -> Float[torch.Tensor, "_ _"]:
         """Turn a ``[d_model, d_mlp]`` update into the stored orientation."""
         return delta.T if self.w_out_transposed else delta
 

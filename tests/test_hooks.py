@@ -82,3 +82,15 @@ def test_unknown_module_name_lists_near_misses() -> None:
     lm = load_model("tiny-gpt2")
     with pytest.raises(KeyError, match=r"transformer\.h\.0\.mlp"):
         Trace(lm.model, "transformer.h.0.mlpp")
+
+
+def test_shape_annotations_are_checked_during_tests() -> None:
+    """The root conftest's jaxtyping hook turns a wrong shape into an error at the call."""
+    from jaxtyping import TypeCheckError
+
+    from memit_lab.adapters import adapter_for_model_type
+
+    gpt2 = adapter_for_model_type("gpt2")
+    assert gpt2.to_stored(torch.ones(4, 6)).shape == (6, 4)
+    with pytest.raises(TypeCheckError):
+        gpt2.to_stored(torch.ones(2, 4, 6))
