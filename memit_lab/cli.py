@@ -86,7 +86,86 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_cmd_demo)
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo]
+def _cmd_trace(args: argparse.Namespace) -> int:
+    # Imported here: plotting libraries would slow every other command's start.
+    from .tracing import trace
+
+    lm = _load(args)
+    result = trace(
+        lm, args.prompt, args.subject, args.target, kind=args.kind, window=args.window, samples=args.samples,
+        seed=args.seed, severed=args.severed,
+    )  # fmt: skip
+    print(
+        f"P({result.target!r}) clean {result.clean_prob:.3f}, corrupted {result.corrupted_prob:.3f} "
+        f"(noise {result.noise:.3f} on {result.tokens[slice(*result.subject_span)]}, {result.samples} samples)"
+    )
+    print(f"\nCells that bring back most of it (restoring {result.kind}):")
+    print(result.peaks(args.top).to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    if args.out:
+        result.plot().savefig(args.out, dpi=150)
+        print(f"\nfigure written to {args.out}")
+    return 0
+
+
+def _add_trace(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("trace", help="causal tracing: which states of the model carry a fact")
+    _add_common(parser)
+    parser.add_argument("--prompt", required=True, help='e.g. "The Eiffel Tower is located in the city of"')
+    parser.add_argument("--subject", required=True, help="the subject as written in the prompt")
+    parser.add_argument("--target", default=None, help="the object to trace (default: the model's top-1 token)")
+    parser.add_argument("--kind", choices=["hidden", "mlp", "attn"], default="hidden", help="what to restore")
+    parser.add_argument("--window", type=int, default=10, help="layers restored together for mlp / attn")
+    parser.add_argument("--severed", choices=["mlp", "attn"], default=None, help="freeze later MLP or attention")
+    parser.add_argument("--samples", type=int, default=10, help="noise draws averaged per cell")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the noise")
+    parser.add_argument("--top", type=int, default=5, help="how many peak cells to print")
+    parser.add_argument("--out", default=None, help="write the heatmap here (png, pdf, svg)")
+    parser.set_defaults(func=_cmd_trace)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    # Imported here, like trace's: pandas and the model code would slow every other command's start.
+    import pandas as pd
+
+    from .datasets import load_factset, load_records
+    from .evaluate import summary_table, zsre_summary
+    from .experiments import run_edits
+
+    if args.data:
+        records = load_records(args.data, snippets=args.snippets)
+    else:
+        records = load_factset(known=True if args.known_only else None)
+    records = records[: args.n]
+    lm = _load(args)
+    print(f"{len(records)} records from {args.data or 'the bundled fact set'}; editing them with {args.method}")
+    frames = {
+        name: run_edits(lm, records, name, generation=args.generation, progress=sys.stderr.isatty())
+        for name in ("unedited", args.method)
+    }
+    if "efficacy" in frames["unedited"].columns:
+        table = pd.DataFrame({name: zsre_summary(frame) for name, frame in frames.items()}).T.round(1)
+        print("\nzsRE (%, the paper's Table 1 columns):")
+    else:
+        table = summary_table(frames)
+        print("\nCounterFact (%, the paper's Table 2 columns: S = harmonic mean of ES, PS, NS):")
+    print(table.to_string())
+    print(f"\nedit wall time: {frames[args.method].attrs['edit_seconds']:.1f} s for {len(records)} edits")
+    return 0
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("eval", help="edit n facts of a dataset and print the paper's scores")
+    _add_common(parser)
+    parser.add_argument("--data", default=None, help="CounterFact / MultiCounterFact or zsRE JSON (default: fact set)")
+    parser.add_argument("--snippets", default=None, help="attribute_snippets.json for RS (CounterFact only)")
+    parser.add_argument("--method", choices=["memit", "rome-seq", "ft"], default="memit")
+    parser.add_argument("--n", type=int, default=100, help="edit the first n records together")
+    parser.add_argument("--known-only", action="store_true", help="bundled fact set: only facts the model knows")
+    parser.add_argument("--generation", type=int, default=0, help="GE/RS on the first this-many records (slow)")
+    parser.set_defaults(func=_cmd_eval)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo, _add_trace, _add_eval]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,425 @@
+"""The paper's experiments at any scale: edit n facts with MEMIT, sequential ROME or FT-W, score, restore.
+
+* :func:`run_edits` -- edit the first ``n`` records with one method, score every record
+  (CounterFact: ES/EM, PS/PM, NS/NM and optionally GE/RS; zsRE: token accuracy), and
+  restore the weights bit for bit, also when something fails half-way.
+* :func:`scaling_sweep` -- :func:`run_edits` over several ``n`` and methods plus the
+  unedited model (the paper's Figure 5 and Table 2), each cell cached on disk as soon as
+  it is done, so an interrupted sweep continues where it stopped.
+* :func:`question_slice` -- zsRE-style question records made from the fact set (Table 1).
+* :func:`edit_demo` -- one batch edited and shown before/after, for the command line tour.
+
+Methods (``method=``): ``"memit"`` (all edits at once over a range of layers, Algorithm
+1), ``"rome-seq"`` (ROME, one edit after the other, each on the already edited model),
+``"ft"`` (FT-W: fine-tuning one layer's W_out on all edits at once under an L-infinity
+constraint), ``"unedited"`` (no edit: the reference line). Hyper-parameters are each
+method's own dataclass (see :mod:`memit_lab.memit`, :mod:`memit_lab.rome`,
+:mod:`memit_lab.finetune`); ``None`` takes its defaults for the model.
+
+Records stay what the data says; the edit itself is requested as "prompt template,
+subject, new object" (:class:`CounterFactRecord`'s ``target_new``; for zsRE the record's
+``target``, as the paper's code).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from io import StringIO
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+from tqdm.auto import tqdm
+
+from .cache import atomic_dir, cache_root, locked, read_manifest, write_manifest
+from .datasets import CounterFactRecord, ZsreRecord
+from .evaluate import (
+    COUNTERFACT_COLUMNS,
+    counterfact_scores,
+    counterfact_summary,
+    generation_scores,
+    mean_nll,
+    zsre_scores,
+)
+from .memit import EditResult, apply_memit
+from .models import LoadedModel
+from .requests import EditRequest
+
+__all__ = [
+    "METHODS",
+    "EditDemo",
+    "Sweep",
+    "edit_demo",
+    "edit_request",
+    "preserved_weights",
+    "question_slice",
+    "run_edits",
+    "scaling_sweep",
+]
+
+log = logging.getLogger(__name__)
+
+METHODS = ("unedited", "memit", "rome-seq", "ft")
+Record = CounterFactRecord | ZsreRecord
+
+
+# --- keeping the model as it was -------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def preserved_weights(lm: LoadedModel) -> Iterator[None]:
+    """Every W_out is copied on entry and written back on exit (also after an error): bit-for-bit restoration.
+
+    All three methods change only MLP output matrices; the model's fingerprint (a strided
+    sample of *every* weight) is compared on exit, so an edit that touched anything else
+    is reported instead of silently kept.
+    """
+    params = [lm.adapter.w_out_parameter(lm.model, layer) for layer in range(lm.n_layers)]
+    saved = [p.detach().clone() for p in params]
+    before = lm.fingerprint()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved, strict=True):
+                p.copy_(s)
+        if lm.fingerprint() != before:
+            raise RuntimeError("an edit changed weights other than W_out; reload the model, it is not the original")
+
+
+# --- editing ---------------------------------------------------------------------------------------------------
+
+
+def edit_request(record: Record) -> EditRequest:
+    """The edit a record asks for: its template, subject and new object (zsRE: the record's ``target``)."""
+    if isinstance(record, ZsreRecord):
+        return EditRequest(record.prompt, record.subject, record.target)
+    return EditRequest(record.prompt, record.subject, record.target_new, record.target_true, record.relation_id)
+
+
+def _apply(lm: LoadedModel, records: Sequence[Record], method: str, hparams: Any, progress: bool) -> EditResult:
+    """Write the records' new objects into ``lm`` with ``method`` (the caller restores the weights)."""
+    requests = [edit_request(r) for r in records]
+    if method == "memit":
+        return apply_memit(lm, requests, hparams, progress=progress)
+    if method == "rome-seq":
+        from .rome import apply_rome
+
+        return apply_rome(lm, requests, hparams, progress=progress)
+    if method == "ft":
+        from .finetune import apply_ft
+
+        return apply_ft(lm, requests, hparams, progress=progress)
+    raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+
+
+# --- scoring ---------------------------------------------------------------------------------------------------
+
+
+def _score(
+    lm: LoadedModel, records: Sequence[Record], generation: int, max_new_tokens: int, progress: bool
+) -> pd.DataFrame:
+    if all(isinstance(r, ZsreRecord) for r in records):
+        return zsre_scores(lm, [r for r in records if isinstance(r, ZsreRecord)], progress=progress)
+    if not all(isinstance(r, CounterFactRecord) for r in records):
+        raise TypeError("pass records of one kind: all CounterFactRecord or all ZsreRecord")
+    cf = [r for r in records if isinstance(r, CounterFactRecord)]
+    frame = counterfact_scores(lm, cf, progress=progress)
+    if generation:
+        gen = generation_scores(lm, cf[:generation], max_new_tokens=max_new_tokens, progress=progress)
+        frame = frame.merge(gen, on="case_id", how="left")
+    return frame
+
+
+def run_edits(
+    lm: LoadedModel,
+    records: Sequence[Record],
+    method: str = "memit",
+    n: int | None = None,
+    *,
+    hparams: Any = None,
+    generation: int = 0,
+    max_new_tokens: int = 100,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Edit the first ``n`` records with ``method``, score them, restore the model; one row per record.
+
+    Args:
+        lm: the model; its weights are the same bit for bit when this returns (or raises).
+        records: CounterFact-format or zsRE records; the first ``n`` (all when ``None``) are edited together.
+        method: ``"memit"``, ``"rome-seq"``, ``"ft"`` or ``"unedited"``.
+        hparams: the method's hyper-parameter dataclass, ``None`` for its defaults.
+        generation: GE and RS are computed on the first ``generation`` records (0: skipped; it samples text).
+        max_new_tokens: length of each generated text (the paper: 100).
+
+    Returns:
+        Per record: ``es em ps pm ns nm`` (CounterFact; ``ge rs`` when generated) or ``efficacy paraphrase
+        specificity`` (zsRE), with ``method`` and ``n`` columns; ``frame.attrs["edit_seconds"]`` is the
+        wall time of the edit alone, ``frame.attrs["edit_phases"]`` the method's own breakdown of it.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    if n is not None and not 1 <= n <= len(records):
+        raise ValueError(f"n must be between 1 and {len(records)} (the records given), got {n}")
+    chosen = list(records[:n])
+    with preserved_weights(lm):
+        start = time.perf_counter()
+        phases = {} if method == "unedited" else _apply(lm, chosen, method, hparams, progress).seconds
+        edit_seconds = time.perf_counter() - start
+        frame = _score(lm, chosen, generation, max_new_tokens, progress)
+    frame.insert(0, "method", method)
+    frame.insert(1, "n", len(chosen))
+    frame.attrs["edit_seconds"] = edit_seconds
+    frame.attrs["edit_phases"] = dict(phases)
+    return frame
+
+
+# --- the sweep, cached cell by cell ------------------------------------------------------------------------------
+
+
+def _records_digest(records: Sequence[Record]) -> str:
+    blob = json.dumps([repr(r) for r in records]).encode()
+    return hashlib.blake2b(blob, digest_size=12).hexdigest()
+
+
+def _cell_key(lm: LoadedModel, records: Sequence[Record], method: str, hparams: Any, options: dict[str, Any]) -> str:
+    blob = json.dumps(
+        {
+            "model": lm.fingerprint(),
+            "records": _records_digest(records),
+            "method": method,
+            "hparams": repr(hparams),
+            "options": options,
+            "format": 1,
+        },
+        sort_keys=True,
+    ).encode()
+    return hashlib.blake2b(blob, digest_size=16).hexdigest()
+
+
+def _load_cell(folder: Path) -> pd.DataFrame | None:
+    manifest = read_manifest(folder)
+    if manifest is None:
+        return None
+    frame = pd.read_csv(folder / "frame.csv", float_precision="round_trip", keep_default_na=False, na_values=[""])
+    frame.attrs["edit_seconds"] = float(manifest["edit_seconds"])
+    return frame
+
+
+def _save_cell(folder: Path, frame: pd.DataFrame) -> None:
+    with atomic_dir(folder) as tmp:
+        frame.to_csv(tmp / "frame.csv", index=False)
+        write_manifest(tmp, {"edit_seconds": frame.attrs["edit_seconds"]})
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """Per-record scores of every (method, n) cell of a scaling sweep, and the edit times.
+
+    Attributes:
+        frame: one row per (method, n, record); ``method == "unedited"`` rows are the reference.
+        seconds: wall time of each edit, one row per (method, n).
+    """
+
+    frame: pd.DataFrame
+    seconds: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+    def summary(self) -> pd.DataFrame:
+        """Table-2 numbers (x 100) for every (method, n): S, ES, PS, NS, EM, PM, NM (GE, RS if generated)."""
+        rows = []
+        for (method, n), cell in self.frame.groupby(["method", "n"], sort=False):
+            scores = cell.dropna(axis=1, how="all")
+            rows.append({"method": method, "n": n, **counterfact_summary(scores).to_dict()})
+        return pd.DataFrame(rows).sort_values(["method", "n"], kind="stable").reset_index(drop=True)
+
+    def table(self, n: int | None = None, digits: int = 1) -> pd.DataFrame:
+        """Table 2 at one ``n`` (default: the largest), one row per method, unedited first."""
+        summary = self.summary()
+        n = int(summary.n.max()) if n is None else n
+        at_n = summary[summary.n == n].set_index("method").drop(columns="n")
+        order = [m for m in METHODS if m in at_n.index]
+        return at_n.loc[order, [c for c in COUNTERFACT_COLUMNS if c in at_n.columns]].round(digits)
+
+    def plot(self, metrics: Sequence[str] = ("ES", "PS", "NS", "S", "GE")) -> Figure:
+        """Figure 5: each metric against the number of edits, one line per method, unedited dashed."""
+        summary = self.summary()
+        metrics = [m for m in metrics if m in summary.columns]
+        fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.0), squeeze=False)
+        for ax, metric in zip(axes[0], metrics, strict=True):
+            for method, rows in summary.groupby("method", sort=False):
+                style = {"linestyle": "--", "color": "grey"} if method == "unedited" else {"marker": "o"}
+                ax.plot(rows.n, rows[metric], label=method, **style)
+            ax.set_xscale("log")
+            ax.set_xlabel("number of edits")
+            ax.set_title(metric)
+        axes[0][0].legend(fontsize="small")
+        fig.tight_layout()
+        return fig
+
+
+def scaling_sweep(
+    lm: LoadedModel,
+    records: Sequence[Record],
+    ns: Sequence[int],
+    methods: Sequence[str] = ("memit", "rome-seq", "ft"),
+    *,
+    hparams: dict[str, Any] | None = None,
+    generation: int = 0,
+    max_new_tokens: int = 100,
+    cache: bool = True,
+    progress: bool = True,
+) -> Sweep:
+    """:func:`run_edits` for every method and n (first n records), plus the unedited model on the largest n.
+
+    Each finished cell is written to ``cache_root()/experiments`` (CSV, atomically), keyed
+    by the model's fingerprint, the records, the method, its hyper-parameters and the
+    scoring options: calling again with the same arguments reads what is done and computes
+    the rest. ``hparams`` maps a method name to its hyper-parameter dataclass.
+    """
+    ns = sorted(set(ns))
+    unknown = set(methods) - set(METHODS)
+    if unknown or not ns:
+        raise ValueError(f"methods must be among {METHODS} and ns non-empty; got {sorted(unknown)}, {ns}")
+    options = {"generation": generation, "max_new_tokens": max_new_tokens}
+    cells = [("unedited", ns[-1])] + [(m, n) for m in methods if m != "unedited" for n in ns]
+    frames, seconds = [], []
+    for method, n in tqdm(cells, desc="sweep", disable=not progress):
+        chosen = list(records[:n])
+        settings = (hparams or {}).get(method)
+        folder = cache_root() / "experiments" / _cell_key(lm, chosen, method, settings, options)
+        with locked(folder) if cache else contextlib.nullcontext():
+            frame = _load_cell(folder) if cache else None
+            if frame is None:
+                frame = run_edits(lm, chosen, method, hparams=settings, progress=False, **options)
+                if cache:
+                    _save_cell(folder, frame)
+            else:
+                log.info("sweep: %s n=%d read from %s", method, n, folder)
+        frames.append(frame)
+        seconds.append({"method": method, "n": n, "edit_seconds": frame.attrs["edit_seconds"]})
+    unedited = frames[0]
+    # The unedited model's score of a record does not depend on n: every smaller n is a prefix.
+    frames[0:1] = [unedited.iloc[:n].assign(n=n) for n in ns]
+    return Sweep(pd.concat(frames, ignore_index=True), pd.DataFrame(seconds))
+
+
+# --- a zsRE-style slice of the fact set ----------------------------------------------------------------------------
+
+#: Question and rephrase per relation (``{}`` = subject), for :func:`question_slice`.
+QUESTIONS: dict[str, tuple[str, str]] = {
+    "city_country": ("In which country is the city of {}?", "{} is a city in which country?"),
+    "country_continent": ("On which continent is {}?", "{} is a country on which continent?"),
+    "company_country": ("Which country is the company {} from?", "{} is a company from which country?"),
+    "country_language": ("What is the official language of {}?", "Which language is official in {}?"),
+    "person_occupation": ("What was the profession of {}?", "What did {} work as?"),
+    "team_sport": ("Which sport do the {} play?", "The {} are a team that plays which sport?"),
+    "book_author": ("Who wrote {}?", "{} was written by whom?"),
+    "musician_instrument": ("Which instrument did {} play?", "{} was famous for playing which instrument?"),
+}
+
+
+def question_slice(records: Sequence[CounterFactRecord], n: int | None = None) -> list[ZsreRecord]:
+    """zsRE-style records from fact-set records whose relation has a question form (see :data:`QUESTIONS`).
+
+    As in zsRE: the question (``src``) and its rephrase; the edit target ``answers[0]`` is
+    the *true* object (the paper's code writes the gold answer), ``alt`` the fact set's
+    counterfactual; the unrelated question (``loc``) is another record's question, from a
+    different relation, written the way zsRE writes Natural Questions (``"nq question: ..."``).
+
+    Example:
+        >>> from memit_lab.datasets import load_factset
+        >>> q = question_slice(load_factset(relations=["city_country", "team_sport"]), n=1)[0]
+        >>> q.src.endswith("?") and q.subject in q.src, q.target == q.answers[0], q.loc[:12]
+        (True, True, 'nq question:')
+    """
+    usable = [r for r in records if r.relation_id in QUESTIONS]
+    if len({r.relation_id for r in usable}) < 2:
+        raise ValueError(f"question_slice needs records of at least two of these relations: {sorted(QUESTIONS)}")
+    chosen = usable if n is None else usable[:n]
+    out = []
+    for i, r in enumerate(chosen):
+        src, rephrase = (q.format(r.subject) for q in QUESTIONS[r.relation_id])
+        other = next(o for o in usable[i + 1 :] + usable[:i] if o.relation_id != r.relation_id)
+        loc = QUESTIONS[other.relation_id][0].format(other.subject).rstrip("?").lower()
+        out.append(
+            ZsreRecord(
+                case_id=r.case_id,
+                subject=r.subject,
+                src=src,
+                target=r.target_true,
+                rephrase=rephrase,
+                loc="nq question: " + loc,
+                loc_ans=other.target_true,
+                answers=(r.target_true,),
+                alt=r.target_new,
+            )
+        )
+    return out
+
+
+# --- the command-line tour -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EditDemo:
+    """One batch edited: predictions before and after, and Table-2 rows for the unedited and the edited model."""
+
+    method: str
+    predictions: pd.DataFrame
+    table: pd.DataFrame
+    edit_seconds: float
+
+    def report(self) -> str:
+        """Plain text for a terminal."""
+        out = StringIO()
+        out.write(f"{self.method}: {len(self.predictions)} facts edited in {self.edit_seconds:.1f} s\n\n")
+        out.write(self.predictions.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+        out.write("\n\nScores (%, the paper's Table 2 columns):\n")
+        out.write(self.table.to_string(float_format=lambda x: f"{x:.1f}"))
+        return out.getvalue() + "\n"
+
+
+def edit_demo(
+    lm: LoadedModel, records: Sequence[CounterFactRecord], method: str = "memit", *, hparams: Any = None
+) -> EditDemo:
+    """Edit ``records`` together and show, per fact, P(true) and P(new) on its prompt before and after.
+
+    ``print(edit_demo(lm, load_factset(known=True, n=5)).report())`` is the tour's last step.
+    """
+    prompts = [r.edit_prompt for r in records]
+
+    def probs() -> tuple[list[float], list[float]]:
+        p = np.exp(-mean_nll(lm, prompts * 2, [r.target_true for r in records] + [r.target_new for r in records]))
+        return p[: len(records)].tolist(), p[len(records) :].tolist()
+
+    true_before, new_before = probs()
+    before = run_edits(lm, records, "unedited", progress=False)
+    with preserved_weights(lm):
+        start = time.perf_counter()
+        _apply(lm, records, method, hparams, progress=False)
+        seconds = time.perf_counter() - start
+        true_after, new_after = probs()
+        after = _score(lm, records, 0, 0, progress=False)
+    predictions = pd.DataFrame(
+        {
+            "prompt": prompts,
+            "true": [r.target_true for r in records],
+            "new": [r.target_new for r in records],
+            "P(true) before": true_before,
+            "P(new) before": new_before,
+            "P(true) after": true_after,
+            "P(new) after": new_after,
+        }
+    )
+    table = pd.DataFrame({"unedited": counterfact_summary(before), method: counterfact_summary(after)}).T
+    return EditDemo(method, predictions, table, seconds)

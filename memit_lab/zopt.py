@@ -1,0 +1,584 @@
+"""The target hidden state z of each edit (paper eq. 16), optimised for many requests at once.
+
+For request i, a vector delta_i is added to the residual stream at the output of the top
+edit layer L, at the last subject token, and optimised so the model says the new object
+after the prompt and after several short context prefixes x_j (eq. 16)::
+
+    z_i = h_i^L + argmin_delta  1/P sum_j -log P(o_i | x_j + p(s_i, r_i); h^L += delta)
+
+What the paper's code adds, each a field of :class:`ZParams`: a KL term keeping the
+subject's other properties (KL(edited || original) of the next-token distribution at the
+last subject token of ``"{subject} is a"``, weight ``kl_weight``); weight decay
+``weight_decay * ||delta|| / ||h||^2``; after every Adam step delta is projected back into
+``||delta|| <= clamp * ||h||``; early stopping when the request's loss falls below
+``stop_loss``. The context prefixes are sampled from the model itself (seeded, cached on
+disk: :func:`context_templates`).
+
+How it is made fast (none of it changes the optimum):
+
+* delta enters at layer L at the last subject token, so everything before that token
+  (all layers) and everything up to layer L (all tokens) is computed **once**, without
+  gradients: the tokens before the last subject token become a key/value cache, and each
+  Adam step runs only blocks L+1..end on the tokens from the last subject token on;
+* logits are computed only where a target token is predicted (and, for the KL term, at
+  one position), never for the whole vocabulary at every position;
+* all requests of a chunk share one forward/backward pass; the loss is the *sum* of the
+  per-request losses, so each delta_i gets exactly its own gradient, Adam (elementwise)
+  treats it as if it were alone, and a request that has converged is frozen and leaves
+  the batch -- the same optimum as one request at a time (``batched=False``), which the
+  tests check.
+
+Example:
+    >>> from memit_lab import load_model
+    >>> from memit_lab.requests import EditRequest
+    >>> lm = load_model("tiny-gpt2")
+    >>> r = EditRequest("The {} is located in", "Eiffel Tower", "Rome")
+    >>> res = optimise_z(lm, [r], layer=1, params=ZParams(steps=5), contexts=("{}", "Paris. {}"))
+    >>> res.z.shape, res.losses[0][-1] < res.losses[0][0]
+    (torch.Size([1, 64]), True)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+
+from .cache import atomic_dir, cache_root, locked, read_manifest, write_manifest
+from .hooks import Trace
+from .models import LoadedModel
+from .requests import EditRequest, check_requests
+
+__all__ = [
+    "OPENINGS",
+    "TokenisedPrompt",
+    "ZParams",
+    "ZResult",
+    "context_templates",
+    "optimise_z",
+    "tokenise_prompt",
+]
+
+log = logging.getLogger(__name__)
+
+#: The reference's openings for sampled context prefixes.
+OPENINGS = ("The", "Therefore", "Because", "I", "You")
+
+
+@dataclass(frozen=True)
+class ZParams:
+    """Hyper-parameters of the z optimisation (eq. 16); defaults are the paper's code for GPT-J.
+
+    Attributes:
+        steps: forward passes at most (the last one only measures; ``steps - 1`` Adam updates).
+        lr: Adam learning rate.
+        weight_decay: weight of ``||delta|| / ||h||^2`` in the loss.
+        kl_weight: weight of KL(edited || original) at the subject's last token of ``kl_template``.
+        clamp: ``||delta|| <= clamp * ||h||`` after every step.
+        stop_loss: a request stops when its loss falls below this.
+        n_contexts: sampled context prefixes (the bare prompt is always used besides them).
+        context_tokens: length of each sampled context, in tokens.
+        context_seed: seed of the sampler.
+        kl_template: the prompt whose next-token distribution the KL term keeps.
+        chunk: requests per forward/backward pass (memory: ~50 MB per request on the bundled model).
+    """
+
+    steps: int = 25
+    lr: float = 0.5
+    weight_decay: float = 0.5
+    kl_weight: float = 0.0625
+    clamp: float = 0.75
+    stop_loss: float = 0.05
+    n_contexts: int = 5
+    context_tokens: int = 10
+    context_seed: int = 0
+    kl_template: str = "{} is a"
+    chunk: int = 16
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.chunk < 1 or self.n_contexts < 0 or self.context_tokens < 1:
+            raise ValueError(f"steps, chunk, context_tokens must be >= 1 and n_contexts >= 0: {self}")
+        if self.kl_template.count("{}") != 1:
+            raise ValueError(f"kl_template must contain one '{{}}' for the subject, got {self.kl_template!r}")
+
+
+# --- context prefixes (the x_j of eq. 16) ---------------------------------------------------------------------
+
+
+def _sample_contexts(lm: LoadedModel, n: int, length: int, seed: int) -> list[str]:
+    tokenizer = lm.tokenizer
+    openings = [OPENINGS[i % len(OPENINGS)] for i in range(n)]
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(openings, return_tensors="pt", padding=True).to(lm.device)
+    finally:
+        tokenizer.padding_side = "right"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        out = lm.model.generate(
+            **enc, max_new_tokens=length - 1, do_sample=True, top_k=5, top_p=None, temperature=None,
+            pad_token_id=tokenizer.pad_token_id,
+        )  # fmt: skip
+    texts = tokenizer.batch_decode(out, skip_special_tokens=True)
+    # The reference's recipe: braces would clash with the subject slot; a full stop separates.
+    return [t.replace("{", " ").replace("}", " ").strip() + ". {}" for t in texts]
+
+
+def context_templates(
+    lm: LoadedModel, n: int = 5, length: int = 10, *, seed: int = 0, use_cache: bool = True
+) -> tuple[str, ...]:
+    """``"{}"`` followed by ``n`` context templates ``"<text sampled from the model>. {}"`` (eq. 16's x_j).
+
+    Each text starts with one of :data:`OPENINGS` and is ``length`` tokens long, sampled
+    with top-k 5 as the reference does, but seeded; the result is cached on disk per model
+    fingerprint, so every run (and every machine with the same weights and torch) sees the
+    same prefixes.
+
+    Example:
+        >>> from memit_lab import load_model
+        >>> t = context_templates(load_model("tiny-neox"), n=2, length=4, use_cache=False)
+        >>> t[0], len(t), all(x.endswith(". {}") for x in t[1:])
+        ('{}', 3, True)
+    """
+    if n == 0:
+        return ("{}",)
+    if not use_cache:
+        return ("{}", *_sample_contexts(lm, n, length, seed))
+    spec = json.dumps({"model": lm.fingerprint(), "n": n, "length": length, "seed": seed, "v": 1}).encode()
+    folder = cache_root() / "contexts" / hashlib.blake2b(spec, digest_size=12).hexdigest()
+    with locked(folder):
+        if read_manifest(folder) is None:
+            with atomic_dir(folder) as tmp:
+                (tmp / "contexts.json").write_text(json.dumps(_sample_contexts(lm, n, length, seed)))
+                write_manifest(tmp, {"n": n, "length": length, "seed": seed})
+        texts = json.loads((folder / "contexts.json").read_text())
+    return ("{}", *texts)
+
+
+# --- tokenised prompts ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenisedPrompt:
+    """One prompt of eq. 16 as token ids, with where delta goes and which tokens it must predict.
+
+    Attributes:
+        ids: the prompt followed by the target's tokens but its last (teacher forcing).
+        subject_last: position of the subject's last token (delta is added there).
+        predict_at: positions whose logits predict a target token.
+        target_ids: the target tokens they predict (empty for a KL prompt).
+    """
+
+    ids: tuple[int, ...]
+    subject_last: int
+    predict_at: tuple[int, ...]
+    target_ids: tuple[int, ...]
+
+
+def _last_token_before(offsets: Sequence[tuple[int, int]], start: int, end: int) -> int:
+    inside = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
+    if not inside:
+        raise ValueError(f"no token covers characters {start}..{end}; is the subject empty?")
+    return inside[-1]
+
+
+def tokenise_prompt(lm: LoadedModel, request: EditRequest, context: str, target: str | None) -> TokenisedPrompt:
+    """Tokenise ``context`` filled with the request's prompt, followed by `` target`` (teacher-forced).
+
+    The subject is located by characters at its slot in the template (a context text may
+    contain the subject's words too). ``target=None`` gives a prompt scored only at the
+    subject's last token (the KL prompt).
+
+    Example:
+        >>> from memit_lab import load_model
+        >>> lm = load_model("tiny-gpt2")
+        >>> t = tokenise_prompt(lm, EditRequest("{} is in", "Paris", "Rome"), "{}", "Rome")
+        >>> lm.tokenizer.decode(t.ids[t.subject_last]), [lm.tokenizer.decode(i) for i in t.target_ids]
+        ('Paris', ['R', 'ome'])
+    """
+    prompt = context.replace("{}", request.text)
+    start = context.index("{}") + request.template.index("{}")
+    text = prompt if target is None else prompt.rstrip() + " " + target.strip()
+    enc = lm.tokenizer(text, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    last = _last_token_before(offsets, start, start + len(request.subject))
+    if target is None:
+        return TokenisedPrompt(tuple(ids[: last + 1]), last, (), ())
+    boundary = len(prompt.rstrip())
+    targets = [i for i, (a, b) in enumerate(offsets) if b > a and b > boundary]
+    if not targets or targets[0] <= last:
+        raise ValueError(f"target {target!r} has no tokens after the subject in {text!r}")
+    return TokenisedPrompt(
+        tuple(ids[: targets[-1]]), last, tuple(t - 1 for t in targets), tuple(ids[t] for t in targets)
+    )
+
+
+# --- one chunk, split at the last subject token -----------------------------------------------------------------
+
+
+class _FrozenPrefix:
+    """A key/value cache that always answers "the prefix, then what you give me", storing nothing.
+
+    Attention modules call ``cache.update(k, v, layer)`` and attend over what it returns; this
+    one prepends the prefix's fixed keys and values, so any number of forward passes can
+    reuse it (a DynamicCache would grow with each).
+    """
+
+    def __init__(self, keys: dict[int, torch.Tensor], values: dict[int, torch.Tensor]) -> None:
+        self.keys, self.values = keys, values
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> Any:
+        return torch.cat([self.keys[layer_idx], k], dim=-2), torch.cat([self.values[layer_idx], v], dim=-2)
+
+
+def _rows(value: Any, index: torch.Tensor, batch: int) -> Any:
+    """``value`` restricted to the batch rows ``index`` (tensors with a leading batch dimension)."""
+    if isinstance(value, torch.Tensor) and value.ndim >= 2 and value.shape[0] == batch:
+        return value.index_select(0, index)
+    if isinstance(value, tuple | list):
+        return type(value)(_rows(v, index, batch) for v in value)
+    return value
+
+
+@contextmanager
+def _block_calls(blocks: Sequence[nn.Module]) -> Iterator[list[tuple[tuple[Any, ...], dict[str, Any]]]]:
+    """Record the positional and keyword arguments each block is called with."""
+    calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = [((), {}) for _ in blocks]
+    handles = []
+    for i, block in enumerate(blocks):
+
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], i: int = i) -> None:
+            calls[i] = (args, dict(kwargs))
+
+        handles.append(block.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        yield calls
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@dataclass
+class _Chunk:
+    """What a chunk's Adam steps need, computed once without gradients.
+
+    Rows are prompts; ``owner[row]`` is the request (within the chunk) a row belongs to.
+    The suffix of a row starts at its last subject token (suffix position 0).
+    """
+
+    owner: torch.Tensor  # [rows]
+    is_kl: torch.Tensor  # [rows] bool
+    h_suffix: torch.Tensor  # [rows, suffix, d_model], output of block L
+    calls: list[tuple[tuple[Any, ...], dict[str, Any]]]  # blocks L+1..end
+    cache: Any  # the DynamicCache passed in the suffix pass (replaced when replaying)
+    prefix_kv: tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]] | None
+    predict_at: list[tuple[int, ...]]  # suffix positions, per row
+    target_ids: list[tuple[int, ...]]
+    kl_init: torch.Tensor  # [requests, vocab] log-probs of the unedited model (KL rows)
+    h0: torch.Tensor  # [requests, d_model] bare-prompt h^L at the subject's last token
+
+
+def _base(lm: LoadedModel) -> nn.Module:
+    return lm.model.base_model
+
+
+def _layout(
+    prompts: Sequence[TokenisedPrompt], device: torch.device, pad: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prefixes left-padded, suffixes right-padded, so every row's last subject token is in one column."""
+    p_len = max(p.subject_last for p in prompts)
+    s_len = max(len(p.ids) - p.subject_last for p in prompts)
+    n = len(prompts)
+    ids_p = torch.full((n, p_len), pad, dtype=torch.long)
+    mask_p = torch.zeros((n, p_len), dtype=torch.long)
+    ids_s = torch.full((n, s_len), pad, dtype=torch.long)
+    mask_s = torch.zeros((n, s_len), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        prefix, suffix = p.ids[: p.subject_last], p.ids[p.subject_last :]
+        if prefix:
+            ids_p[row, p_len - len(prefix) :] = torch.tensor(prefix)
+            mask_p[row, p_len - len(prefix) :] = 1
+        ids_s[row, : len(suffix)] = torch.tensor(suffix)
+        mask_s[row, : len(suffix)] = 1
+    pos_p = (mask_p.cumsum(1) - 1).clamp(min=0)
+    pos_s = mask_p.sum(1, keepdim=True) + torch.arange(s_len)[None]
+    return tuple(t.to(device) for t in (ids_p, mask_p, pos_p, ids_s, mask_s, pos_s))  # type: ignore[return-value]
+
+
+def _prefix_cache(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> DynamicCache:
+    out = _base(lm)(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    cache = out.cache
+    for layer in cache.layers:
+        # Fully padded rows may hold NaN (a query with nothing to attend to); they are
+        # masked as keys, but 0 * NaN would still poison the sum.
+        layer.keys.nan_to_num_(0.0)
+        layer.values.nan_to_num_(0.0)
+    return cache
+
+
+@torch.no_grad()
+def _prepare(
+    lm: LoadedModel, requests: Sequence[EditRequest], layer: int, contexts: Sequence[str], params: ZParams
+) -> _Chunk:
+    prompts: list[TokenisedPrompt] = []
+    owner, is_kl = [], []
+    for i, r in enumerate(requests):
+        for context in contexts:
+            prompts.append(tokenise_prompt(lm, r, context, r.target_new))
+            owner.append(i)
+            is_kl.append(False)
+        kl_request = EditRequest(params.kl_template, r.subject, r.target_new)
+        prompts.append(tokenise_prompt(lm, kl_request, "{}", None))
+        owner.append(i)
+        is_kl.append(True)
+    pad = lm.tokenizer.pad_token_id
+    ids_p, mask_p, pos_p, ids_s, mask_s, pos_s = _layout(prompts, lm.device, pad)
+    cache = _prefix_cache(lm, ids_p, mask_p, pos_p) if ids_p.shape[1] else None
+    prefix_kv = None
+    if cache is not None:
+        prefix_kv = (
+            {i: lay.keys for i, lay in enumerate(cache.layers)},
+            {i: lay.values for i, lay in enumerate(cache.layers)},
+        )
+    blocks = [lm.model.get_submodule(lm.adapter.block(l)) for l in range(layer + 1, lm.n_layers)]
+    with _block_calls(blocks) as calls, Trace(lm.model, lm.adapter.block(layer)) as trace:
+        out = _base(lm)(
+            input_ids=ids_s,
+            attention_mask=torch.cat([mask_p, mask_s], 1),
+            position_ids=pos_s,
+            **({"cache": cache, "use_cache": True} if cache is not None else {}),
+        )
+    assert trace.output is not None
+    owner_t = torch.tensor(owner, device=lm.device)
+    kl_t = torch.tensor(is_kl, device=lm.device)
+    final = out.last_hidden_state[:, 0]
+    unembed = lm.model.get_submodule(lm.adapter.unembed)
+    kl_init = unembed(final[kl_t]).float().log_softmax(-1)
+    bare = torch.tensor([contexts.index("{}") + i * (len(contexts) + 1) for i in range(len(requests))])
+    return _Chunk(
+        owner=owner_t,
+        is_kl=kl_t,
+        h_suffix=trace.output,
+        calls=calls,
+        cache=cache,
+        prefix_kv=prefix_kv,
+        predict_at=[tuple(t - p.subject_last for t in p.predict_at) for p in prompts],
+        target_ids=[p.target_ids for p in prompts],
+        kl_init=kl_init,
+        h0=trace.output[bare.to(lm.device), 0].float(),
+    )
+
+
+def _replay(
+    lm: LoadedModel, chunk: _Chunk, layer: int, rows: torch.Tensor, delta: torch.Tensor
+) -> Float[torch.Tensor, "rows suffix d_model"]:
+    """Blocks L+1..end on the suffixes of ``rows``, with ``delta[row]`` added at suffix position 0."""
+    batch = chunk.h_suffix.shape[0]
+    h = chunk.h_suffix.index_select(0, rows)
+    h = torch.cat([(h[:, :1].float() + delta[:, None]).to(h.dtype), h[:, 1:]], dim=1)
+    cache = None
+    if chunk.prefix_kv is not None:
+        keys, values = chunk.prefix_kv
+        cache = _FrozenPrefix(
+            {i: k.index_select(0, rows) for i, k in keys.items()},
+            {i: v.index_select(0, rows) for i, v in values.items()},
+        )
+    for offset, (args, kwargs) in enumerate(chunk.calls):
+        block = lm.model.get_submodule(lm.adapter.block(layer + 1 + offset))
+        args = tuple(cache if a is chunk.cache else _rows(a, rows, batch) for a in args[1:])
+        kwargs = {k: cache if v is chunk.cache else _rows(v, rows, batch) for k, v in kwargs.items()}
+        kwargs.pop("hidden_states", None)
+        out = block(h, *args, **kwargs)
+        h = out[0] if isinstance(out, tuple) else out
+    return h
+
+
+def _losses(
+    lm: LoadedModel, chunk: _Chunk, rows: torch.Tensor, h: torch.Tensor, delta: torch.Tensor, active: torch.Tensor,
+    params: ZParams,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Per active request: NLL of the new object (mean over prompts of the per-token mean), KL, weight decay."""
+    norm = lm.model.get_submodule(lm.adapter.final_norm)
+    unembed = lm.model.get_submodule(lm.adapter.unembed)
+    row_list = rows.tolist()
+    slot = {int(r): i for i, r in enumerate(active.tolist())}
+    n = len(slot)
+    where_row, where_pos, targets, weights, owners = [], [], [], [], []
+    kl_rows, kl_owner = [], []
+    n_prompts = torch.zeros(n, device=h.device)
+    for j, row in enumerate(row_list):
+        o = slot[int(chunk.owner[row])]
+        if chunk.is_kl[row]:
+            kl_rows.append(j)
+            kl_owner.append(o)
+            continue
+        n_prompts[o] += 1
+        pos = chunk.predict_at[row]
+        where_row += [j] * len(pos)
+        where_pos += list(pos)
+        targets += list(chunk.target_ids[row])
+        weights += [1.0 / len(pos)] * len(pos)
+        owners += [o] * len(pos)
+    picked = h[torch.tensor(where_row), torch.tensor(where_pos)]
+    logp = unembed(norm(picked)).float().log_softmax(-1)
+    token_nll = -logp.gather(1, torch.tensor(targets, device=h.device)[:, None])[:, 0]
+    weighted = token_nll * torch.tensor(weights, device=h.device)
+    nll = torch.zeros(n, device=h.device).index_add(0, torch.tensor(owners, device=h.device), weighted) / n_prompts
+    kl_h = unembed(norm(h[torch.tensor(kl_rows), 0])).float().log_softmax(-1)
+    init = chunk.kl_init[active]
+    kl = (kl_h.exp() * (kl_h - init)).sum(-1)
+    kl = torch.zeros(n, device=h.device).index_add(0, torch.tensor(kl_owner, device=h.device), kl)
+    wd = delta.norm(dim=-1) / chunk.h0[active].norm(dim=-1) ** 2
+    return nll, params.kl_weight * kl, params.weight_decay * wd
+
+
+def _optimise_chunk(
+    lm: LoadedModel, requests: Sequence[EditRequest], layer: int, contexts: Sequence[str], params: ZParams
+) -> tuple[torch.Tensor, torch.Tensor, list[list[float]], list[tuple[float, float, float]]]:
+    chunk = _prepare(lm, requests, layer, contexts, params)
+    n = len(requests)
+    deltas = [torch.zeros(lm.d_model, device=lm.device, requires_grad=True) for _ in range(n)]
+    opt = torch.optim.Adam(deltas, lr=params.lr)
+    curves: list[list[float]] = [[] for _ in range(n)]
+    parts: list[tuple[float, float, float]] = [(0.0, 0.0, 0.0)] * n
+    max_norm = params.clamp * chunk.h0.norm(dim=-1)
+    active = torch.arange(n, device=lm.device)
+    for step in range(params.steps):
+        keep = torch.isin(chunk.owner, active)
+        rows = keep.nonzero()[:, 0]
+        delta = torch.stack([deltas[int(i)] for i in active.tolist()])
+        slot = torch.searchsorted(active, chunk.owner[rows])
+        h = _replay(lm, chunk, layer, rows, delta[slot])
+        nll, kl, wd = _losses(lm, chunk, rows, h, delta, active, params)
+        loss = nll + kl + wd
+        for o, i in enumerate(active.tolist()):
+            curves[i].append(float(loss[o].detach()))
+            parts[i] = (float(nll[o].detach()), float(kl[o].detach()), float(wd[o].detach()))
+        going = loss.detach() >= params.stop_loss
+        if step == params.steps - 1 or not going.any():
+            break
+        opt.zero_grad(set_to_none=True)
+        loss[going].sum().backward()
+        for o, i in enumerate(active.tolist()):
+            if not going[o]:
+                deltas[i].grad = None  # Adam skips it: a converged request stays where it stopped
+        opt.step()
+        with torch.no_grad():
+            for i in active.tolist():
+                norm = deltas[i].norm()
+                if norm > max_norm[i]:
+                    deltas[i].mul_(max_norm[i] / norm)
+        active = active[going]
+    return chunk.h0, torch.stack([d.detach() for d in deltas]), curves, parts
+
+
+# --- the public entry point -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ZResult:
+    """Targets z = h + delta for a batch of requests (eq. 16), with their loss curves.
+
+    Attributes:
+        h: ``[n_edits, d_model]`` the unedited hidden state at layer L, subject's last token, bare prompt.
+        z: ``[n_edits, d_model]`` the optimised target hidden state.
+        losses: per request, the total loss at each forward pass (its length = passes made).
+        final_parts: per request, (NLL, KL term, weight-decay term) at the last pass.
+        layer: L, where z lives.
+        contexts: the prompt templates used (``"{}"`` first).
+    """
+
+    h: Float[torch.Tensor, "n_edits d_model"]
+    z: Float[torch.Tensor, "n_edits d_model"]
+    losses: tuple[tuple[float, ...], ...]
+    final_parts: tuple[tuple[float, float, float], ...]
+    layer: int
+    contexts: tuple[str, ...]
+
+    @property
+    def delta(self) -> Float[torch.Tensor, "n_edits d_model"]:
+        return self.z - self.h
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per request: steps, first and last loss, NLL/KL/decay parts, ||delta|| / ||h||."""
+        rel = (self.delta.norm(dim=-1) / self.h.norm(dim=-1)).tolist()
+        return pd.DataFrame(
+            [
+                {"request": i, "passes": len(c), "loss_first": c[0], "loss_last": c[-1], "nll": p[0], "kl": p[1],
+                 "decay": p[2], "delta_rel_norm": r}  # fmt: skip
+                for i, (c, p, r) in enumerate(zip(self.losses, self.final_parts, rel, strict=True))
+            ]
+        )
+
+    def plot(self, ax: Any = None) -> Any:
+        """Loss curves, one line per request (log scale)."""
+        import matplotlib.pyplot as plt
+
+        if ax is None:
+            _, ax = plt.subplots(figsize=(5.5, 3.5))
+        for i, curve in enumerate(self.losses):
+            ax.plot(range(len(curve)), curve, marker=".", label=f"#{i}" if len(self.losses) <= 10 else None)
+        ax.set(yscale="log", xlabel="Adam step", ylabel="loss (eq. 16 + KL + decay)", title=f"z at layer {self.layer}")
+        if len(self.losses) <= 10:
+            ax.legend(fontsize="small")
+        return ax
+
+
+def optimise_z(
+    lm: LoadedModel,
+    requests: Sequence[EditRequest],
+    layer: int,
+    params: ZParams | None = None,
+    *,
+    contexts: Sequence[str] | None = None,
+    batched: bool = True,
+    progress: bool = False,
+) -> ZResult:
+    """Optimise z_i = h_i^L + delta_i for every request (eq. 16, with the reference's additions).
+
+    Args:
+        lm: the model (its weights are not changed).
+        requests: the edits; checked first (:func:`memit_lab.requests.check_requests`).
+        layer: L, the top edit layer (delta is added to block L's output).
+        params: :class:`ZParams` (defaults when ``None``).
+        contexts: prompt templates with ``{}`` for the prompt; ``None`` samples
+            ``params.n_contexts`` of them with :func:`context_templates`. ``"{}"`` (the bare
+            prompt) must be among them: h is read there.
+        batched: ``False`` optimises one request at a time (same optimum, slower; for checks).
+        progress: show a progress bar over chunks.
+    """
+    params = params or ZParams()
+    requests = check_requests(requests, lm.tokenizer)
+    if not 0 <= layer < lm.n_layers:
+        raise ValueError(f"layer must be in 0..{lm.n_layers - 1}, got {layer}")
+    if contexts is None:
+        contexts = context_templates(lm, params.n_contexts, params.context_tokens, seed=params.context_seed)
+    contexts = tuple(contexts)
+    if "{}" not in contexts or any(c.count("{}") != 1 for c in contexts):
+        raise ValueError(f"contexts must each contain one '{{}}' and include the bare '{{}}'; got {contexts}")
+    size = params.chunk if batched else 1
+    # Similar lengths share a chunk: less padding.
+    order = sorted(range(len(requests)), key=lambda i: len(requests[i].text))
+    h = torch.zeros(len(requests), lm.d_model, device=lm.device)
+    z = torch.zeros_like(h)
+    curves: list[tuple[float, ...]] = [()] * len(requests)
+    parts: list[tuple[float, float, float]] = [(0.0, 0.0, 0.0)] * len(requests)
+    for lo in tqdm(range(0, len(order), size), desc="z (eq. 16)", disable=not progress):
+        idx = order[lo : lo + size]
+        h0, delta, c, p = _optimise_chunk(lm, [requests[i] for i in idx], layer, contexts, params)
+        h[idx], z[idx] = h0, h0 + delta
+        for j, i in enumerate(idx):
+            curves[i], parts[i] = tuple(c[j]), p[j]
+    log.info("z optimised for %d requests at layer %d", len(requests), layer)
+    return ZResult(h, z, tuple(curves), tuple(parts), layer, contexts)

@@ -1,0 +1,189 @@
+# %% [markdown]
+# # Assignment 2 — Causal tracing: where does the model keep a fact?
+#
+# MEMIT edits the MLPs of a few early-middle layers at the subject's last token. That choice comes from **causal
+# tracing** (ROME, Meng et al. 2022, section 2): break the model's knowledge of the subject by adding noise to the
+# subject's embeddings, then repair one hidden state at a time and see which repair brings the answer back. In this
+# assignment you implement corruption and restoration and read the resulting heatmap on the bundled model.
+#
+# | exercise | you implement | points |
+# |---|---|---|
+# | 2.1 | `corrupt_subject`: the corrupted run's input | 1 |
+# | 2.2 | `restored_probability`: one cell of the heatmap | 3 |
+# | 2.3 | `strongest_subject_token`: reading the heatmap | 1 |
+
+# %% setup
+import pandas as pd
+import seaborn as sns
+import torch
+from IPython.display import display
+from jaxtyping import Float
+
+from memit_lab import LoadedModel, Trace, load_model
+from memit_lab.checks import check_corrupt_subject, check_restored_probability, check_strongest_subject_token
+from memit_lab.facts import KNOWN_FACTS
+from memit_lab.prompts import subject_token_span
+
+torch.manual_seed(0)
+torch.set_num_threads(2)
+pd.set_option("display.precision", 3)
+
+# %% [markdown]
+# ## 1. Three runs
+#
+# * **clean**: the prompt as it is; the model gives the true object $o$ probability $P_{clean}$;
+# * **corrupted**: Gaussian noise $\epsilon \sim \mathcal{N}(0, \nu^2)$ added to the token embeddings of the subject
+#   only, with $\nu$ three times the standard deviation of the embeddings; the model loses the subject and
+#   $P_{corrupted}(o)$ falls;
+# * **corrupted with restoration**: the corrupted run, except that one hidden state, the output of block $l$ at token
+#   $i$, is replaced by its value in the clean run. $P_{restored}(o) - P_{corrupted}(o)$ is that state's
+#   **indirect effect**: how much of the fact it carries.
+#
+# ### Exercise 2.1 — corrupting the subject
+#
+# `embeds` is `[pos, d_model]`, `span` the subject's `(start, end)` positions (end exclusive, as
+# `subject_token_span` returns), `noise` is `[end - start, d_model]`. Return a new tensor; do not change `embeds`.
+
+
+# %% solution
+def corrupt_subject(
+    embeds: Float[torch.Tensor, "pos d_model"], span: tuple[int, int], noise: Float[torch.Tensor, "subject d_model"]
+) -> Float[torch.Tensor, "pos d_model"]:
+    """The embeddings with noise added at the subject's positions start..end-1."""
+    ### BEGIN SOLUTION
+    corrupted = embeds.clone()
+    corrupted[span[0] : span[1]] += noise
+    return corrupted
+    ### END SOLUTION
+
+
+# %% check points=1
+check_corrupt_subject(corrupt_subject)
+
+# %% [markdown]
+# ### Exercise 2.2 — one restoration
+#
+# Return $P(\text{target\_id})$ at the last token of the corrupted run in which the output of block `layer` at
+# position `pos` is restored to its clean value. Two `Trace`s do it: one with `edit_output` on
+# `lm.adapter.embed` (the embedding module's output is `[1, pos, d_model]`) that applies your `corrupt_subject`, one
+# with `edit_output` on `lm.adapter.block(layer)` that writes the clean state back (read it first in a clean run).
+
+
+# %% solution
+def restored_probability(
+    lm: LoadedModel,
+    prompt: str,
+    subject: str,
+    target_id: int,
+    layer: int,
+    pos: int,
+    noise: Float[torch.Tensor, "subject d_model"],
+) -> float:
+    """P(target) after the prompt, subject corrupted, block ``layer``'s output at ``pos`` restored."""
+    ### BEGIN SOLUTION
+    enc = lm.tokenizer(prompt, return_tensors="pt")
+    span = subject_token_span(lm.tokenizer, prompt, subject)
+    with torch.no_grad(), Trace(lm.model, lm.adapter.block(layer)) as clean:
+        lm.model(**enc)
+
+    def corrupt(out: torch.Tensor, name: str) -> torch.Tensor:
+        return corrupt_subject(out[0], span, noise)[None]
+
+    def restore(out: torch.Tensor, name: str) -> torch.Tensor:
+        out = out.clone()
+        out[0, pos] = clean.output[0, pos]
+        return out
+
+    with (
+        torch.no_grad(),
+        Trace(lm.model, lm.adapter.embed, edit_output=corrupt),
+        Trace(lm.model, lm.adapter.block(layer), edit_output=restore),
+    ):
+        logits = lm.model(**enc).logits
+    return float(logits[0, -1].softmax(-1)[target_id])
+    ### END SOLUTION
+
+
+# %% check points=3
+check_restored_probability(restored_probability)
+
+# %% [markdown]
+# ## 2. The heatmap
+#
+# Restoring every (layer, token) cell gives ROME's figure 1. The cell below computes it with your
+# `restored_probability` for *"The Eiffel Tower is located in the city of"*, every fourth layer and one noise sample
+# (ROME averages ten), once your functions pass their checks (in the student version it waits for them).
+
+# %%
+ready = all(
+    check(function, pending_ok=True).passed
+    for check, function in [
+        (check_corrupt_subject, corrupt_subject),
+        (check_restored_probability, restored_probability),
+    ]
+)
+print("your functions are ready:", ready)
+
+# %%
+lm = load_model("smollm2-135m")
+fact = KNOWN_FACTS[0]
+enc = lm.tokenizer(fact.prompt)
+tokens = [lm.tokenizer.decode([i]) for i in enc.input_ids]
+span = subject_token_span(lm.tokenizer, fact.prompt, fact.subject)
+embedding = lm.model.get_submodule(lm.adapter.embed).weight
+nu = 3 * float(embedding.std())
+noise = nu * torch.randn(span[1] - span[0], lm.d_model, generator=torch.Generator().manual_seed(1))
+target_id = lm.tokenizer(" " + fact.target).input_ids[0]
+layers = list(range(0, lm.n_layers, 4))
+print("subject tokens:", tokens[span[0] : span[1]], " noise scale nu =", round(nu, 4))
+
+if ready:
+    grid = torch.tensor(
+        [
+            [
+                restored_probability(lm, fact.prompt, fact.subject, target_id, layer, i, noise)
+                for i in range(len(tokens))
+            ]
+            for layer in layers
+        ]
+    )
+    corrupted = restored_probability(lm, fact.prompt, fact.subject, target_id, 0, 0, noise)  # restoring pos 0 = none
+    print("P(' Paris'): clean", round(fact.p_true, 3), " corrupted", round(corrupted, 3))
+    frame = pd.DataFrame(grid.numpy(), index=layers, columns=[f"{i}:{t!r}" for i, t in enumerate(tokens)])
+    ax = sns.heatmap(frame.iloc[::-1], cmap="Purples", vmin=0, vmax=1, cbar_kws={"label": "P(' Paris') restored"})
+    ax.set(xlabel="restored token", ylabel="restored block output", title="Restoring one hidden state")
+    display(frame.round(2))
+
+# %% [markdown]
+# Two regions stand out in ROME's figure 1 and, on this model, in the table above: **early layers at the subject's
+# tokens** (the model has not yet moved the subject's information elsewhere) and **late layers at the last token**
+# (the answer has been moved there). Restoring only the MLP outputs instead of whole hidden states (ROME's figure 1,
+# middle) narrows the first region down to the MLPs of early-middle layers: MEMIT's edit range.
+#
+# ### Exercise 2.3 — reading the heatmap
+#
+# Which subject token carries the fact? Given a grid `scores` `[layer, pos]` and the subject's `span`, return the
+# position in `start..end-1` whose best restoration (over layers) is highest.
+
+
+# %% solution
+def strongest_subject_token(scores: Float[torch.Tensor, "layer pos"], span: tuple[int, int]) -> int:
+    """The subject position with the highest restored probability at any layer."""
+    ### BEGIN SOLUTION
+    start, end = span
+    return start + int(scores[:, start:end].max(0).values.argmax())
+    ### END SOLUTION
+
+
+# %% check points=1
+check_strongest_subject_token(strongest_subject_token)
+
+# %% [markdown]
+# ## Questions to think about
+#
+# 1. Restoring a token *before* the subject never helps (check it in the table). Why, in a model with causal
+#    attention?
+# 2. On this model the decisive subject token of "The Eiffel Tower" may not be its last one (" Tower"). MEMIT still
+#    writes at the last subject token. Why can that work? (Hint: what do early attention layers do with the subject's
+#    tokens?)
+# 3. One noise sample gives a noisy map. What would you average to make it reliable, and what does that cost?

@@ -1,0 +1,294 @@
+# %% [markdown]
+# # Assignment 4 — MEMIT by hand
+#
+# MEMIT (Meng et al., ICLR 2023) writes new facts into a model in two stages. First, for each fact, it finds the
+# hidden state $z_i$ that would make the model say the new object (eq. 16). Then it changes the MLP output matrices of
+# a range of layers $\mathcal{R}$, lowest first, each with the closed-form update of assignment 3, so that the model
+# produces $z_i$ by itself (eq. 19-20, Algorithm 1). In this assignment you build each piece and then run
+# Algorithm 1 with your own functions on the bundled model.
+#
+# | exercise | you implement | points |
+# |---|---|---|
+# | 4.1 | `edit_position`: where MEMIT reads and writes | 1 |
+# | 4.2 | `nll_with_delta`: the loss of eq. 16 | 3 |
+# | 4.3 | `average_key`: the keys of eq. 19 | 2 |
+# | 4.4 | `layer_update`: eq. 20, then eq. 14 | 2 |
+
+# %% setup
+import pandas as pd
+import torch
+from IPython.display import display
+from jaxtyping import Float
+from transformers import PreTrainedTokenizerBase
+
+from memit_lab import LoadedModel, Trace, load_model
+from memit_lab.checks import check_average_key, check_edit_position, check_layer_update, check_nll_with_delta
+from memit_lab.prompts import continuation, subject_token_span, target_scores
+from memit_lab.stats import key_second_moment
+
+torch.manual_seed(0)
+torch.set_num_threads(2)
+pd.set_option("display.precision", 3)
+pd.set_option("display.width", 160)
+
+# %% [markdown]
+# ## 1. An edit request, and where it is written
+#
+# A request names a subject, a prompt template about it and a new object: *"The Eiffel Tower is located in the city
+# of" → "Rome"*. Causal tracing (assignment 2) showed that the model recalls a fact through the MLPs of early-middle
+# layers **at the subject's last token**; that is where MEMIT reads its keys and writes its values. Tokenizers split
+# words in surprising ways, so the position must come from the tokenizer's *offsets* (the character span of each
+# token), not from counting words:
+
+# %%
+lm = load_model("smollm2-135m")
+prompt, subject = "The Eiffel Tower is located in the city of", "Eiffel Tower"
+enc = lm.tokenizer(prompt, return_offsets_mapping=True)
+display(
+    pd.DataFrame(
+        {
+            "token": [lm.tokenizer.decode([i]) for i in enc.input_ids],
+            "characters": [prompt[a:b] for a, b in enc.offset_mapping],
+            "offsets": enc.offset_mapping,
+        }
+    ).T
+)
+print("subject tokens [start, end):", subject_token_span(lm.tokenizer, prompt, subject))
+
+# %% [markdown]
+# ### Exercise 4.1 — the edit position
+#
+# Return the position (an index into `tokenizer(prompt).input_ids`, special tokens included) of the last token that
+# overlaps the subject. `tokenizer(prompt, return_offsets_mapping=True).offset_mapping` gives each token's
+# `(start, end)` characters; special tokens have `(0, 0)`.
+
+
+# %% solution
+def edit_position(tokenizer: PreTrainedTokenizerBase, prompt: str, subject: str) -> int:
+    """Index of the subject's last token in tokenizer(prompt).input_ids."""
+    ### BEGIN SOLUTION
+    end = prompt.index(subject) + len(subject)
+    offsets = tokenizer(prompt, return_offsets_mapping=True).offset_mapping
+    return max(i for i, (a, b) in enumerate(offsets) if b > a and a < end)
+    ### END SOLUTION
+
+
+# %% check points=1
+check_edit_position(edit_position)
+
+# %% [markdown]
+# ## 2. The target hidden state $z$ (eq. 16)
+#
+# Let $L = \max \mathcal{R}$ be the top edit layer and $h^L$ the output of block $L$ at the subject's last token. MEMIT
+# looks for a vector $\delta$ such that the model, with $h^L + \delta$ in place of $h^L$, predicts the new object $o$:
+#
+# $$\delta = \arg\min_\delta \; \frac{1}{N} \sum_{j=1}^{N} -\log P_{G(h^L \mathrel{+}= \delta)}\left[o \mid x_j \oplus
+# p\right], \qquad z = h^L + \delta \qquad \text{(eq. 16)}$$
+#
+# The $x_j$ are short prefixes (the paper samples them from the model) so that $z$ works in many contexts, not only
+# right after the prompt. The paper's code adds a KL term that keeps *"{subject} is a"* predictions unchanged, weight
+# decay, and a bound on $\lVert\delta\rVert$; we leave them out here.
+#
+# ### Exercise 4.2 — the loss of eq. 16
+#
+# Return the loss as a one-element tensor that autograd can differentiate with respect to `delta`. Add `delta` to the
+# output of block `layer` (`lm.adapter.block(layer)`) at the subject's last token of every prompt: a `Trace` with
+# `edit_output=...` and `detach=False` does that. Score the target as a continuation of each prompt:
+# `memit_lab.prompts.continuation(prompt, target)` is the text to run, and every token of the target counts
+# (the logit that predicts token $t$ sits at position $t-1$). Pad the batch on the right (the tokenizer does).
+
+
+# %% solution
+def nll_with_delta(
+    lm: LoadedModel, prompts: list[str], subject: str, target: str, layer: int, delta: Float[torch.Tensor, " d_model"]
+) -> Float[torch.Tensor, ""]:
+    """-(1/N) sum_j log P(target | prompts[j]) with delta added to block `layer`'s output at the subject (eq. 16)."""
+    ### BEGIN SOLUTION
+    texts = [continuation(p, target) for p in prompts]
+    enc = lm.tokenizer(texts, return_tensors="pt", padding=True)
+    rows = torch.arange(len(prompts))
+    positions = [edit_position(lm.tokenizer, p, subject) for p in prompts]
+
+    def add_delta(out: torch.Tensor, name: str) -> torch.Tensor:
+        out = out.clone()
+        out[rows, positions] = out[rows, positions] + delta
+        return out
+
+    with Trace(lm.model, lm.adapter.block(layer), edit_output=add_delta, detach=False):
+        logprobs = lm.model(**enc).logits.log_softmax(-1)
+    losses = []
+    for j, p in enumerate(prompts):
+        start, stop = len(lm.tokenizer(p).input_ids), int(enc.attention_mask[j].sum())
+        ids = enc.input_ids[j, start:stop]
+        losses.append(-logprobs[j, start - 1 : stop - 1].gather(-1, ids[:, None]).sum())
+    return torch.stack(losses).mean()
+    ### END SOLUTION
+
+
+# %% check points=3
+check_nll_with_delta(nll_with_delta)
+
+# %% [markdown]
+# ## 3. Keys (eq. 19) and the share of each layer (eq. 20)
+#
+# For each layer $l \in \mathcal{R}$, lowest first, MEMIT needs each request's key $k_i^l$: the input of
+# $W_{out}^l$ at the subject's last token, averaged over the prefixed prompts (eq. 19), computed **with the updates of
+# the lower layers already in place**. $W_{out}^l$ is `lm.adapter.w_out_module(layer)`; a `Trace` with
+# `retain_input=True` keeps its input `[batch, pos, d_mlp]`.
+#
+# ### Exercise 4.3 — the key of one request
+
+
+# %% solution
+def average_key(lm: LoadedModel, layer: int, prompts: list[str], subject: str) -> Float[torch.Tensor, " d_mlp"]:
+    """The input of W_out^layer at the subject's last token, averaged over the prompts (eq. 19)."""
+    ### BEGIN SOLUTION
+    keys = []
+    for p in prompts:
+        with torch.no_grad(), Trace(lm.model, lm.adapter.w_out_module(layer), retain_input=True) as trace:
+            lm.model(**lm.tokenizer(p, return_tensors="pt"))
+        keys.append(trace.input[0, edit_position(lm.tokenizer, p, subject)])
+    return torch.stack(keys).mean(0)
+    ### END SOLUTION
+
+
+# %% check points=2
+check_average_key(average_key)
+
+# %% [markdown]
+# What is still missing at the top layer is $z_i - h_i^L$ (recomputed after each layer's update). Layer $l$ takes
+# the share
+#
+# $$r_i^l = \frac{z_i - h_i^L}{L - l + 1} \qquad \text{(eq. 20)}$$
+#
+# — a fifth at the lowest of five layers, a quarter of what is then left at the next, …, everything that remains at
+# $L$ — and writes it with the update of assignment 3, $\Delta^l = R^l K^{l\top} (C_0^l + K^l K^{l\top})^{-1}$
+# (eq. 14), where $C_0^l = \lambda\, \mathbb{E}[k k^\top]$ at layer $l$.
+#
+# ### Exercise 4.4 — one layer of Algorithm 1
+#
+# `residuals` are the $z_i - h_i^L$ as columns `[d_model, u]`, `keys` the $k_i^l$ as columns `[d_mlp, u]`,
+# `layers` the edit range $\mathcal{R}$, `c0` is $C_0^l$. Solve in float64.
+
+
+# %% solution
+def layer_update(
+    keys: Float[torch.Tensor, "d_mlp u"],
+    residuals: Float[torch.Tensor, "d_model u"],
+    layer: int,
+    layers: list[int],
+    c0: Float[torch.Tensor, "d_mlp d_mlp"],
+) -> Float[torch.Tensor, "d_model d_mlp"]:
+    """Delta^l = r^l K^T (C0 + K K^T)^-1 with r^l = residuals / (L - l + 1) (eq. 20, 14)."""
+    ### BEGIN SOLUTION
+    share = residuals.double() / (max(layers) - layer + 1)
+    k = keys.double()
+    return torch.linalg.solve(c0.double() + k @ k.T, k @ share.T).T
+    ### END SOLUTION
+
+
+# %% check points=2
+check_layer_update(layer_update)
+
+# %% [markdown]
+# ## 4. Algorithm 1 with your functions
+#
+# Two edits on the bundled model, over $\mathcal{R} = \{3, 4, 5\}$ (a short range, to run in seconds; causal tracing
+# on this model puts the MLP effect at the last subject token around layers 0-8), $\lambda = 15{,}000$, and
+# $\mathbb{E}[k k^\top]$ from 4,096 tokens of the package's corpus. The cell below runs only once your four functions
+# pass their checks (in the student version it waits for them); it then
+#
+# 1. optimises $\delta_i$ with Adam on your `nll_with_delta` (eq. 16) and sets $z_i = h_i^L + \delta_i$;
+# 2. for $l = 3, 4, 5$: reads the keys with your `average_key`, recomputes $h_i^L$, and adds your `layer_update`
+#    to $W_{out}^l$;
+# 3. measures the new and the old objects' probabilities, then restores the weights.
+
+# %%
+ready = all(
+    check(function, pending_ok=True).passed
+    for check, function in [
+        (check_edit_position, edit_position),
+        (check_nll_with_delta, nll_with_delta),
+        (check_average_key, average_key),
+        (check_layer_update, layer_update),
+    ]
+)
+print("your functions are ready:", ready)
+
+# %%
+layers, lam, steps = [3, 4, 5], 15_000.0, 20
+top = max(layers)
+contexts = ["", "I read this in a book. ", "Here is a fact. "]
+requests = [
+    ("The {} is located in the city of", "Eiffel Tower", "Rome", "Paris"),
+    ("The capital of {} is", "Japan", "London", "Tokyo"),
+]
+
+
+def prompts_of(template: str, subject: str) -> list[str]:
+    return [context + template.format(subject) for context in contexts]
+
+
+def top_state(template: str, subject: str) -> torch.Tensor:
+    """h^L: block L's output at the subject's last token, averaged over the prompts."""
+    states = []
+    for p in prompts_of(template, subject):
+        with torch.no_grad(), Trace(lm.model, lm.adapter.block(top)) as trace:
+            lm.model(**lm.tokenizer(p, return_tensors="pt"))
+        states.append(trace.output[0, edit_position(lm.tokenizer, p, subject)])
+    return torch.stack(states).mean(0)
+
+
+def probabilities() -> pd.DataFrame:
+    prompts = [template.format(subject) for template, subject, _, _ in requests]
+    new = target_scores(lm, prompts, [r[2] for r in requests]).prob
+    old = target_scores(lm, prompts, [r[3] for r in requests]).prob
+    return pd.DataFrame({"prompt": prompts, "P(new)": new.numpy(), "P(old)": old.numpy()})
+
+
+if ready:
+    before = probabilities()
+    moments = key_second_moment(lm, layers, n_tokens=4096, progress=False)
+    z, losses = [], []
+    for template, subject, new, _ in requests:
+        delta = torch.zeros(lm.d_model, requires_grad=True)
+        optimiser = torch.optim.Adam([delta], lr=0.5)
+        for _ in range(steps):
+            optimiser.zero_grad()
+            loss = nll_with_delta(lm, prompts_of(template, subject), subject, new, top, delta)
+            loss.backward()
+            optimiser.step()
+        losses.append(round(float(loss), 2))
+        z.append(top_state(template, subject) + delta.detach())
+    print("eq. 16 loss after", steps, "Adam steps:", losses)
+
+    originals = {layer: lm.adapter.w_out_weight(lm.model, layer).detach().clone() for layer in layers}
+    report = []
+    for layer in layers:
+        keys = torch.stack([average_key(lm, layer, prompts_of(t, s), s) for t, s, _, _ in requests], 1)
+        residuals = torch.stack([z_i - top_state(t, s) for z_i, (t, s, _, _) in zip(z, requests, strict=True)], 1)
+        delta_w = layer_update(keys, residuals, layer, layers, lam * moments[layer])
+        with torch.no_grad():
+            lm.adapter.w_out_parameter(lm.model, layer).add_(lm.adapter.to_stored(delta_w.float()))
+        report.append(
+            {
+                "layer": layer,
+                "|z - h^L| before": round(float(residuals.norm(dim=0).mean()), 2),
+                "|Delta|": round(float(delta_w.norm()), 2),
+            }
+        )
+    display(pd.DataFrame(report))
+    after = probabilities()
+    display(before.merge(after, on="prompt", suffixes=(" before", " after")).round(3))
+    with torch.no_grad():
+        for layer, weight in originals.items():
+            lm.adapter.w_out_weight(lm.model, layer).copy_(weight)
+    print("weights restored:", all(torch.equal(lm.adapter.w_out_weight(lm.model, n), w) for n, w in originals.items()))
+
+# %% [markdown]
+# ## Questions to think about
+#
+# 1. The residual $|z - h^L|$ shrinks from layer to layer but not to zero at $L$. Why not? (What does $\lambda$ do?)
+# 2. Why are the keys of layer $l$ recomputed *after* the lower layers were updated?
+# 3. The paper's code adds a KL term to eq. 16 that keeps *"{subject} is a"* predictions unchanged. What could go
+#    wrong without it? Try an edit whose new object is a very common word.

@@ -1,0 +1,111 @@
+"""The experiment runner edits, scores and restores the model bit for bit; sweeps resume from their cache."""
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from memit_lab import LoadedModel, load_model
+from memit_lab.cache import write_manifest
+from memit_lab.datasets import CounterFactRecord, load_factset
+from memit_lab.experiments import Sweep, preserved_weights, question_slice, run_edits, scaling_sweep
+
+
+def _weights(lm: LoadedModel) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in lm.model.named_parameters()}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_preserved_weights_restores_bit_for_bit_even_after_an_error(tiny_lm: LoadedModel) -> None:
+    before = _weights(tiny_lm)
+
+    def failing_edit() -> None:
+        with preserved_weights(tiny_lm), torch.no_grad():
+            for layer in range(tiny_lm.n_layers):
+                tiny_lm.adapter.w_out_parameter(tiny_lm.model, layer).mul_(1.001).add_(1e-3)
+            assert not _same(before, _weights(tiny_lm))
+            raise KeyError("a failure half-way through an edit")
+
+    with pytest.raises(KeyError, match="half-way"):
+        failing_edit()
+    assert _same(before, _weights(tiny_lm))
+
+
+def test_preserved_weights_refuses_to_hide_other_changes() -> None:
+    lm = load_model("tiny-llama")
+    with pytest.raises(RuntimeError, match="other than W_out"), preserved_weights(lm), torch.no_grad():
+        lm.model.get_input_embeddings().weight.add_(1.0)
+
+
+def _records(n: int) -> list[CounterFactRecord]:
+    return load_factset(known=True, relations=["city_country", "country_continent"], n=n)
+
+
+def test_run_edits_validates_before_touching_anything() -> None:
+    lm = load_model("tiny-gpt2")
+    with pytest.raises(ValueError, match="unknown method"):
+        run_edits(lm, _records(2), method="mend")
+    with pytest.raises(ValueError, match="n must be between 1 and 2"):
+        run_edits(lm, _records(2), method="unedited", n=3)
+
+
+def test_unedited_run_and_sweep_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MEMIT_LAB_CACHE", str(tmp_path))
+    lm = load_model("tiny-gpt2")
+    records = _records(4)
+    frame = run_edits(lm, records, "unedited", n=3, progress=False)
+    assert list(frame.case_id) == [r.case_id for r in records[:3]] and set(frame.n) == {3}
+    sweep = scaling_sweep(lm, records, ns=[2, 4], methods=["unedited"], progress=False)
+    # The unedited reference is computed once on the largest n, and its prefixes stand for smaller n.
+    assert sweep.frame.groupby("n").size().to_dict() == {2: 2, 4: 4}
+    pd.testing.assert_frame_equal(
+        sweep.frame[sweep.frame.n == 4].reset_index(drop=True)[["case_id", "es", "ns"]],
+        run_edits(lm, records, "unedited", progress=False)[["case_id", "es", "ns"]],
+    )
+    cells = list((tmp_path / "experiments").iterdir())
+    assert len([c for c in cells if c.is_dir()]) == 1
+    # Resuming: a cached cell is read back, not recomputed (a poisoned but intact entry shows which is used).
+    folder = next(c for c in cells if c.is_dir())
+    cached = pd.read_csv(folder / "frame.csv")
+    cached.loc[0, "es"] = 0.123
+    cached.to_csv(folder / "frame.csv", index=False)
+    write_manifest(folder, {"edit_seconds": 0.0})
+    again = scaling_sweep(lm, records, ns=[2, 4], methods=["unedited"], progress=False)
+    poisoned = sweep.frame.es.where(sweep.frame.case_id != records[0].case_id, 0.123)
+    assert again.frame.es.tolist() == poisoned.tolist()
+    # A damaged entry (a file changed after its manifest) is recomputed, never used.
+    (folder / "frame.csv").write_text((folder / "frame.csv").read_text() + "\n")
+    fresh = scaling_sweep(lm, records, ns=[2, 4], methods=["unedited"], progress=False)
+    pd.testing.assert_frame_equal(fresh.frame, sweep.frame)
+
+
+def test_sweep_summary_table_and_plot() -> None:
+    rows = []
+    for method, n, es in [("unedited", 1, 0.0), ("unedited", 2, 0.0), ("memit", 1, 1.0), ("memit", 2, 0.5)]:
+        for case in range(n):
+            rows.append({"method": method, "n": n, "case_id": case, "es": es, "ps": 0.5, "ns": 1.0,
+                         "em": 0.1, "pm": 0.0, "nm": 0.2})  # fmt: skip
+    sweep = Sweep(pd.DataFrame(rows))
+    summary = sweep.summary()
+    assert summary.set_index(["method", "n"]).loc[("memit", 2), "ES"] == 50
+    table = sweep.table()
+    assert list(table.index) == ["unedited", "memit"] and table.loc["memit", "S"] == pytest.approx(60.0)
+    assert table.loc["unedited", "S"] == 0.0
+    fig = sweep.plot(["ES", "S"])
+    assert len(fig.axes) == 2 and fig.axes[0].get_xscale() == "log"
+
+
+def test_question_slice_is_zsre_shaped() -> None:
+    records = load_factset(relations=["city_country", "team_sport", "book_author"], n=30)
+    questions = question_slice(records)
+    assert len(questions) == 30
+    for q, r in zip(questions, records, strict=True):
+        assert q.target == r.target_true == q.answers[0] and q.alt == r.target_new
+        assert q.subject in q.src and q.subject in q.rephrase and q.src != q.rephrase
+        assert q.loc.startswith("nq question: ") and q.subject.lower() not in q.loc
+    with pytest.raises(ValueError, match="at least two"):
+        question_slice(load_factset(relations=["city_country"], n=5))

@@ -1,0 +1,253 @@
+"""z optimisation (eq. 16) and MEMIT's Algorithm 1: tiny models of every family, then the bundled model."""
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+import memit_lab.memit as memit_module
+from memit_lab import LoadedModel
+from memit_lab.facts import KNOWN_FACTS, Fact
+from memit_lab.hooks import Trace
+from memit_lab.memit import (
+    MemitHyperParams,
+    NonFiniteUpdateError,
+    apply_memit,
+    edit_keys,
+    edits_applied,
+    hidden_at_subject,
+)
+from memit_lab.prompts import target_scores, top_predictions
+from memit_lab.requests import ConflictingRequestsError, EditRequest, InvalidRequestError, request_from_fact
+from memit_lab.stats import key_second_moment
+from memit_lab.zopt import ZParams, _losses, _prepare, _replay, optimise_z, tokenise_prompt
+
+REQUESTS = [
+    EditRequest("The {} is located in", "Eiffel Tower", "Rome"),
+    EditRequest("The capital of {} is", "Japan", "Paris"),
+    EditRequest("{} plays", "Lionel Messi", "tennis"),
+]
+CONTEXTS = ("{}", "Paris is the capital of France. {}", "Hello. {}")
+# Tiny random models have small hidden states (norm ~0.3): the paper's weight decay, scaled by
+# 1/||h||^2, would dominate, so the tiny-model checks switch it and the KL term off.
+TINY_Z = ZParams(steps=10, lr=0.5, clamp=4.0, weight_decay=0.0, kl_weight=0.0)
+
+
+def _snapshot(lm: LoadedModel) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
+
+
+def _same_weights(lm: LoadedModel, snapshot: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(v, snapshot[k]) for k, v in lm.model.state_dict().items())
+
+
+def _tiny_moments(lm: LoadedModel, layers: tuple[int, ...]) -> dict[int, torch.Tensor]:
+    text = ["The Eiffel Tower is in Paris. The capital of Japan is Tokyo. Messi plays football."] * 8
+    return key_second_moment(lm, layers, corpus=text, n_tokens=256, progress=False, use_cache=False)
+
+
+# --- eq. 16: the fast loss is the straightforward loss ----------------------------------------------------------
+
+
+def _straightforward_loss(
+    lm: LoadedModel, requests: list[EditRequest], layer: int, delta: torch.Tensor, params: ZParams
+) -> torch.Tensor:
+    """Full model, full logits, delta added by a hook at every prompt's subject token: the loss per request."""
+    losses = []
+    for r, d in zip(requests, delta, strict=True):
+        nll = []
+        for context in CONTEXTS:
+            p = tokenise_prompt(lm, r, context, r.target_new)
+
+            def add(out: torch.Tensor, name: str, at: int = p.subject_last, d: torch.Tensor = d) -> torch.Tensor:
+                out = out.clone()
+                out[0, at] += d
+                return out
+
+            with torch.no_grad(), Trace(lm.model, lm.adapter.block(layer), edit_output=add):
+                logp = lm.model(torch.tensor([p.ids])).logits[0].log_softmax(-1)
+            nll.append(-logp[list(p.predict_at), list(p.target_ids)].mean())
+        kl_prompt = tokenise_prompt(lm, EditRequest(params.kl_template, r.subject, r.target_new), "{}", None)
+        with torch.no_grad():
+            init = lm.model(torch.tensor([kl_prompt.ids])).logits[0, -1].log_softmax(-1)
+
+            def add_kl(out: torch.Tensor, name: str, d: torch.Tensor = d) -> torch.Tensor:
+                out = out.clone()
+                out[0, -1] += d
+                return out
+
+            with Trace(lm.model, lm.adapter.block(layer), edit_output=add_kl):
+                cur = lm.model(torch.tensor([kl_prompt.ids])).logits[0, -1].log_softmax(-1)
+        h = hidden_at_subject(lm, [r], layer)[0]
+        kl = (cur.exp() * (cur - init)).sum()
+        losses.append(torch.stack(nll).mean() + params.kl_weight * kl + params.weight_decay * d.norm() / h.norm() ** 2)
+    return torch.stack(losses)
+
+
+def test_fast_loss_equals_full_forward_loss(tiny_lm: LoadedModel) -> None:
+    layer = 1
+    params = ZParams(kl_weight=0.5, weight_decay=0.1)
+    g = torch.Generator().manual_seed(1)
+    delta = 0.5 * torch.randn(len(REQUESTS), tiny_lm.d_model, generator=g)
+    chunk = _prepare(tiny_lm, REQUESTS, layer, CONTEXTS, params)
+    rows = torch.arange(chunk.owner.shape[0])
+    with torch.no_grad():
+        h = _replay(tiny_lm, chunk, layer, rows, delta[chunk.owner])
+        nll, kl, wd = _losses(tiny_lm, chunk, rows, h, delta, torch.arange(len(REQUESTS)), params)
+    expected = _straightforward_loss(tiny_lm, REQUESTS, layer, delta, params)
+    torch.testing.assert_close(nll + kl + wd, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_batched_and_per_request_z_agree(tiny_lm: LoadedModel) -> None:
+    batched = optimise_z(tiny_lm, REQUESTS, 1, TINY_Z, contexts=CONTEXTS)
+    single = optimise_z(tiny_lm, REQUESTS, 1, TINY_Z, contexts=CONTEXTS, batched=False)
+    torch.testing.assert_close(batched.z, single.z, rtol=1e-4, atol=1e-4)
+    assert [len(c) for c in batched.losses] == [len(c) for c in single.losses]
+    assert all(c[-1] < c[0] for c in batched.losses)  # the optimisation did something
+
+
+def test_converged_request_stops_and_keeps_its_delta(tiny_lm: LoadedModel) -> None:
+    # A stop threshold above the first loss: no step is taken, delta stays 0.
+    res = optimise_z(tiny_lm, REQUESTS[:2], 1, ZParams(stop_loss=1e6), contexts=CONTEXTS)
+    assert [len(c) for c in res.losses] == [1, 1]
+    assert torch.equal(res.z, res.h)
+
+
+def test_delta_is_clamped_relative_to_h(tiny_lm: LoadedModel) -> None:
+    params = ZParams(steps=6, lr=5.0, clamp=0.3, weight_decay=0.0, kl_weight=0.0)
+    res = optimise_z(tiny_lm, REQUESTS, 1, params, contexts=CONTEXTS)
+    ratio = res.delta.norm(dim=-1) / res.h.norm(dim=-1)
+    assert (ratio <= 0.3 + 1e-5).all() and (ratio > 0.29).any()
+
+
+# --- Algorithm 1 on tiny models ------------------------------------------------------------------------------------
+
+
+def _tiny_hparams(lm: LoadedModel) -> MemitHyperParams:
+    return MemitHyperParams(layers=(0, 1), lam=1.0, z=TINY_Z)
+
+
+def test_edit_changes_prediction_reaches_z_and_restores_bit_for_bit(tiny_lm: LoadedModel) -> None:
+    snapshot = _snapshot(tiny_lm)
+    texts = [r.text for r in REQUESTS]
+    before = tiny_lm.model(**tiny_lm.tokenizer(texts[:1], return_tensors="pt")).logits[0, -1].softmax(-1)
+    moments = _tiny_moments(tiny_lm, (0, 1))
+    result = apply_memit(tiny_lm, REQUESTS, _tiny_hparams(tiny_lm), second_moments=moments, contexts=CONTEXTS)
+    after = tiny_lm.model(**tiny_lm.tokenizer(texts[:1], return_tensors="pt")).logits[0, -1].softmax(-1)
+    assert (after - before).abs().sum() > 0.05  # the prompt's next-token distribution moved
+    # Algorithm 1's promise: h^L at the subject's last token is now z (small lambda: nearly exact).
+    assert result.z is not None
+    torch.testing.assert_close(hidden_at_subject(tiny_lm, REQUESTS, 1), result.z.z, rtol=1e-3, atol=1e-3)
+    assert result.residual_after < 1e-3 < result.residual_before[0]
+    changed = {k for k, v in tiny_lm.model.state_dict().items() if not torch.equal(v, snapshot[k])}
+    assert changed == {tiny_lm.adapter.w_out_module(l) + ".weight" for l in (0, 1)}
+    result.restore()
+    assert _same_weights(tiny_lm, snapshot)
+
+
+def test_each_layer_takes_its_share_of_the_residual(tiny_lm: LoadedModel) -> None:
+    """Eq. 20 with a huge lambda (each update tiny, so layers barely interact): Delta^l k^l = r / (L - l + 1)."""
+    moments = _tiny_moments(tiny_lm, (0, 1))
+    hp = MemitHyperParams(layers=(0, 1), lam=1.0, z=TINY_Z)
+    keys0 = edit_keys(tiny_lm, REQUESTS, 0, CONTEXTS)
+    w0 = tiny_lm.adapter.w_out_weight(tiny_lm.model, 0).detach().clone().double()
+    result = apply_memit(tiny_lm, REQUESTS, hp, second_moments=moments, contexts=CONTEXTS)
+    assert result.z is not None
+    delta0 = tiny_lm.adapter.w_out_weight(tiny_lm.model, 0).double() - w0
+    share = (result.z.z - result.z.h).double().T / 2  # first of two layers: half the residual
+    # With small lambda eq. 14 writes the share (nearly) exactly onto the keys.
+    torch.testing.assert_close(delta0 @ keys0.double(), share, rtol=2e-2, atol=2e-3)
+    result.restore()
+
+
+@pytest.mark.parametrize(
+    ("bad", "error"),
+    [
+        ([REQUESTS[0], EditRequest("The {} is located in", "Eiffel Tower", "Berlin")], ConflictingRequestsError),
+        ([EditRequest("The {} is located in", "", "Rome")], InvalidRequestError),
+        ([EditRequest("The {} is located in", "Eiffel Tower", " ")], InvalidRequestError),
+        ([EditRequest("The Eiffel Tower is located in", "Eiffel Tower", "Rome")], InvalidRequestError),
+    ],
+)
+def test_bad_batches_are_refused_with_no_weight_changed(
+    tiny_lm: LoadedModel, bad: list[EditRequest], error: type[Exception]
+) -> None:
+    snapshot = _snapshot(tiny_lm)
+    with pytest.raises(error):
+        apply_memit(tiny_lm, bad, _tiny_hparams(tiny_lm), second_moments=_tiny_moments(tiny_lm, (0, 1)))
+    assert _same_weights(tiny_lm, snapshot)
+
+
+def test_nan_update_is_refused_with_no_weight_changed(tiny_lm: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first layer's update is fine and applied; the second is NaN: both layers must be put back."""
+    real = memit_module.insertion_update
+    calls: list[int] = []
+
+    def nan_on_second_layer(residuals: torch.Tensor, keys: torch.Tensor, c0: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        delta = real(residuals, keys, c0)
+        return delta * float("nan") if len(calls) == 2 else delta
+
+    monkeypatch.setattr(memit_module, "insertion_update", nan_on_second_layer)
+    snapshot = _snapshot(tiny_lm)
+    with pytest.raises(NonFiniteUpdateError, match="layer 1"):
+        apply_memit(tiny_lm, REQUESTS, _tiny_hparams(tiny_lm), second_moments=_tiny_moments(tiny_lm, (0, 1)),
+                    contexts=CONTEXTS)  # fmt: skip
+    assert len(calls) == 2
+    assert _same_weights(tiny_lm, snapshot)
+
+
+def test_edits_applied_restores_also_after_an_error(tiny_lm: LoadedModel) -> None:
+    snapshot = _snapshot(tiny_lm)
+    with pytest.raises(KeyError), edits_applied(tiny_lm, REQUESTS[:1], hparams=_tiny_hparams(tiny_lm),
+                                                 second_moments=_tiny_moments(tiny_lm, (0, 1)), contexts=CONTEXTS):  # fmt: skip
+        assert not _same_weights(tiny_lm, snapshot)
+        raise KeyError("inside the block")
+    assert _same_weights(tiny_lm, snapshot)
+
+
+def test_missing_second_moment_is_refused_before_anything_changes(tiny_lm: LoadedModel) -> None:
+    snapshot = _snapshot(tiny_lm)
+    with pytest.raises(ValueError, match="every layer"):
+        apply_memit(tiny_lm, REQUESTS, _tiny_hparams(tiny_lm), second_moments={0: torch.eye(tiny_lm.d_mlp)})
+    assert _same_weights(tiny_lm, snapshot)
+
+
+# --- the bundled model -----------------------------------------------------------------------------------------
+
+
+def _counterfactuals(facts: list[Fact]) -> list[EditRequest]:
+    """Each fact sent to the object of the next fact of its relation that has another object."""
+    out = []
+    for i, f in enumerate(facts):
+        pool = [g for g in KNOWN_FACTS if g.relation == f.relation and g.target != f.target]
+        out.append(request_from_fact(f, pool[i % len(pool)].target))
+    return out
+
+
+@pytest.fixture
+def restored_smollm(smollm: LoadedModel) -> Iterator[LoadedModel]:
+    snapshot = {l: smollm.adapter.w_out_parameter(smollm.model, l).detach().clone() for l in range(smollm.n_layers)}
+    yield smollm
+    assert all(torch.equal(smollm.adapter.w_out_parameter(smollm.model, l), w) for l, w in snapshot.items())
+
+
+def test_ten_known_facts_edited_at_once(restored_smollm: LoadedModel) -> None:
+    lm = restored_smollm
+    by_relation: dict[str, list[Fact]] = {}
+    for f in KNOWN_FACTS:
+        by_relation.setdefault(f.relation, []).append(f)
+    edited = [f for facts in by_relation.values() for f in facts[:2]][:10]
+    requests = _counterfactuals(edited)
+    subjects = {f.subject for f in edited}
+    objects = {r.target_new for r in requests}
+    unrelated = [f for f in KNOWN_FACTS if f.subject not in subjects and f.target not in objects][::3][:10]
+    assert len(requests) == len(unrelated) == 10
+    hp = MemitHyperParams.for_model(lm)
+    with edits_applied(lm, requests, hparams=hp.replace(stats_tokens=8192)):
+        new = target_scores(lm, [r.text for r in requests], [r.target_new for r in requests]).mean_logprob
+        true = target_scores(lm, [r.text for r in requests], [r.target_true or "" for r in requests]).mean_logprob
+        preds = top_predictions(lm, [f.prompt for f in unrelated], k=1)
+    assert int((new > true).sum()) >= 9, (new, true)
+    kept = [p[0][0].strip() and f.target.startswith(p[0][0].strip()) for f, p in zip(unrelated, preds, strict=True)]
+    assert sum(kept) >= 9, list(zip([f.prompt for f in unrelated], preds, strict=True))
