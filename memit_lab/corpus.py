@@ -6,10 +6,11 @@ download, so memit_lab ships its own default and accepts yours.
 
 Named corpora:
 
-* ``"smollm2-samples"`` (the default): ~52,000 tokens of English sampled from the bundled
-  model (SmolLM2-135M-Instruct) after 192 plain-text openings -- 64 everyday and
-  encyclopedic topics in three registers (encyclopedic "X is", news "Last week, a report
-  about X said that", personal "I have always been interested in X because"), nucleus
+* ``"smollm2-samples"`` (the default): ~108,000 tokens of English sampled from the bundled
+  model (SmolLM2-135M-Instruct) after 384 plain-text openings -- 64 everyday and
+  encyclopedic topics in six registers (encyclopedic "X is", news "Last week, a report
+  about X said that", personal "I have always been interested in X because", "The most
+  surprising fact about X is that", historical change, a short guide), nucleus
   sampling (top-p 0.95, temperature 1). Made once by ``scripts/make_corpus.py`` and
   committed as ``memit_lab/data/smollm2_samples.jsonl``.
   *Bias*: it is the model's own distribution, not human text: fluent but often

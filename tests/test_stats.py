@@ -8,9 +8,11 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from memit_lab import LoadedModel, load_model
 from memit_lab import stats as stats_module
+from memit_lab.cache import write_manifest
 from memit_lab.corpus import CORPORA, corpus_documents, corpus_windows
 from memit_lab.stats import corpus_keys, key_second_moment, second_moment_convergence
 
@@ -123,7 +125,7 @@ def _cached_file(cache: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("damage", ["flip_bytes", "truncate", "wrong_key"])
+@pytest.mark.parametrize("damage", ["flip_bytes", "truncate", "wrong_key", "nan_with_valid_manifest"])
 def test_damaged_or_mismatched_cache_is_recomputed(
     cache: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, damage: str
 ) -> None:
@@ -136,6 +138,12 @@ def test_damaged_or_mismatched_cache_is_recomputed(
         path.write_bytes(bytes(data))
     elif damage == "truncate":
         path.write_bytes(path.read_bytes()[:-8])
+    elif damage == "nan_with_valid_manifest":  # intact file, honest digest: only the finiteness check can tell
+        poisoned = good.clone()
+        poisoned[3, 5] = float("nan")
+        save_file({"second_moment": poisoned}, path)
+        meta = json.loads((path.parent / "memit_lab_manifest.json").read_text())
+        write_manifest(path.parent, {k: v for k, v in meta.items() if k != "files"})
     else:  # an entry that claims another sample size
         manifest = path.parent / "memit_lab_manifest.json"
         meta = json.loads(manifest.read_text())
@@ -223,7 +231,7 @@ def test_named_corpora_are_there_offline() -> None:
     tokenizer = load_model("tiny-gpt2").tokenizer
     assert set(CORPORA) == {"smollm2-samples", "python-docs"}
     default = list(corpus_documents())
-    assert len(default) == 192 and all(d.strip() for d in default)
+    assert len(default) == 384 and all(d.strip() for d in default)
     assert default == list(corpus_documents("smollm2-samples"))
     docs = list(corpus_documents("python-docs"))
     assert len(docs) > 50 and sum(map(len, docs)) > 300_000
