@@ -44,6 +44,7 @@ import math
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import matplotlib.pyplot as plt
@@ -114,17 +115,50 @@ class FactLike(Protocol):
 # -- checks and the noise scale ---------------------------------------------------------------------------------
 
 
-def embedding_noise(lm: LoadedModel, factor: float = 3.0) -> float:
+def embedding_noise(lm: LoadedModel, factor: float = 3.0, *, use_cache: bool = True) -> float:
     """ROME's noise scale: ``factor`` x the standard deviation of the token embedding weights.
+
+    The standard deviation is measured once per model (in float64; over a second for the
+    bundled model's 28M embedding weights) and kept in the on-disk cache under the model's
+    fingerprint, so every trace of the same weights reuses it and an edited model gets its own.
 
     Example:
         >>> from memit_lab import load_model
         >>> lm = load_model("tiny-llama")
         >>> w = lm.model.get_input_embeddings().weight
-        >>> embedding_noise(lm) == 3 * float(w.double().std())
+        >>> abs(embedding_noise(lm, use_cache=False) - 3 * float(w.double().std())) < 1e-12
         True
     """
-    return factor * float(lm.model.get_input_embeddings().weight.detach().double().std())
+    if not (math.isfinite(factor) and factor > 0):
+        raise ValueError(f"factor must be a positive number of standard deviations, got {factor!r}")
+    if not use_cache:
+        return factor * _embedding_std(lm)
+    folder = cache_root() / "tracing" / f"embedding-std-{lm.fingerprint()}"
+    return factor * _cached_json(folder, "std.json", lambda: {"std": _embedding_std(lm)})["std"]
+
+
+def _embedding_std(lm: LoadedModel) -> float:
+    """Standard deviation of every embedding weight, two-pass in float64, a block of rows at a time."""
+    weights = lm.model.get_input_embeddings().weight.detach()
+    mean = float(weights.sum(dtype=torch.float64)) / weights.numel()
+    squares = sum(float(((rows.double() - mean) ** 2).sum()) for rows in weights.split(4096))
+    return math.sqrt(squares / (weights.numel() - 1))
+
+
+def _cached_json(
+    folder: Path, name: str, compute: Callable[[], dict[str, Any]], about: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The JSON file ``name`` of cache ``folder``; computed and written (atomically, under a lock) when missing
+    or damaged. ``about`` goes into the manifest, to say what the entry was computed from."""
+    with locked(folder):
+        if read_manifest(folder) is not None:
+            cached: dict[str, Any] = json.loads((folder / name).read_text())
+            return cached
+        value = compute()
+        with atomic_dir(folder) as tmp:
+            (tmp / name).write_text(json.dumps(value))
+            write_manifest(tmp, about)
+    return value
 
 
 def _check_kind(kind: str, window: int, n_layers: int) -> None:
@@ -145,6 +179,16 @@ def _check_settings(samples: int, noise: float | None, severed: str | None, kind
         raise ValueError(f"severed must be None, 'mlp' or 'attn', got {severed!r}")
     if severed is not None and kind != "hidden":
         raise ValueError("severed tracing restores hidden states; pass kind='hidden' with severed='mlp' or 'attn'")
+
+
+def _check_facts(facts: Sequence[FactLike]) -> tuple[FactLike, ...]:
+    chosen = tuple(facts)
+    if not chosen:
+        raise ValueError("facts is empty; pass facts the model knows, e.g. memit_lab.facts.KNOWN_FACTS")
+    for fact in chosen:
+        if not isinstance(fact, FactLike):
+            raise ValueError(f"each fact needs .prompt, .subject and .target (e.g. memit_lab.facts.Fact), got {fact!r}")
+    return chosen
 
 
 def _resolve_target(lm: LoadedModel, prompt: str, target: str | int | None, clean_top: int) -> int:
@@ -848,8 +892,10 @@ def average_indirect_effect(
         >>> avg.effect.shape, dict(zip(avg.categories, avg.counts))["last subject token"]
         (torch.Size([3, 6, 3]), 2)
     """
-    if not facts:
-        raise ValueError("facts is empty; pass facts the model knows, e.g. memit_lab.facts.KNOWN_FACTS")
+    facts = _check_facts(facts)
+    for kind in kinds:
+        _check_kind(kind, window, lm.n_layers)
+    _check_settings(samples, noise, None, "hidden")
     scale = embedding_noise(lm) if noise is None else noise
     effects = torch.full((len(facts), len(kinds), len(CATEGORIES), lm.n_layers), math.nan, dtype=torch.float64)
     traces, clean, corrupted = [], [], []
@@ -1027,10 +1073,10 @@ def recommend_layers(
             f"n={n!r} layers do not fit a model of {lm.n_layers} layers; pass n between 1 and {lm.n_layers}"
         )
     _check_settings(samples, noise, None, "mlp")
-    chosen = _default_facts() if facts is None else tuple(facts)
-    if not chosen:
-        raise ValueError("facts is empty; pass facts the model knows, e.g. memit_lab.facts.KNOWN_FACTS")
-    scale = embedding_noise(lm) if noise is None else float(noise)
+    chosen = _default_facts() if facts is None else _check_facts(facts)
+    scale = embedding_noise(lm, use_cache=use_cache) if noise is None else float(noise)
+    if not use_cache:
+        return _recommend(lm, chosen, n, samples, scale, seed, progress)
     key = {
         "model": lm.fingerprint(),
         "facts": [[f.prompt, f.subject, f.target] for f in chosen],
@@ -1041,16 +1087,11 @@ def recommend_layers(
     }
     digest = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=10).hexdigest()
     folder = cache_root() / "tracing" / f"layers-{digest}"
-    if not use_cache:
-        return _recommend(lm, chosen, n, samples, scale, seed, progress)
-    with locked(folder):
-        if read_manifest(folder) is not None:
-            return LayerRecommendation.from_json(json.loads((folder / "recommendation.json").read_text()))
-        result = _recommend(lm, chosen, n, samples, scale, seed, progress)
-        with atomic_dir(folder) as tmp:
-            (tmp / "recommendation.json").write_text(json.dumps(result.to_json()))
-            write_manifest(tmp, {"key": key})
-    return result
+    data = _cached_json(
+        folder, "recommendation.json", lambda: _recommend(lm, chosen, n, samples, scale, seed, progress).to_json(),
+        {"key": key},
+    )  # fmt: skip
+    return LayerRecommendation.from_json(data)
 
 
 def _recommend(

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from memit_lab import LoadedModel, SubjectNotFoundError, load_model
+from memit_lab.cache import write_manifest
 from memit_lab.cli import main
 from memit_lab.facts import KNOWN_FACTS
 from memit_lab.tracing import (
@@ -113,6 +114,27 @@ def test_noise_is_seeded_and_scaled() -> None:
     expected = 3 * math.sqrt(float(((weights - weights.mean()) ** 2).sum()) / (weights.numel() - 1))
     assert first.noise == pytest.approx(expected, rel=1e-9) == embedding_noise(lm)
     assert trace(lm, PROMPT, SUBJECT, samples=2, noise=0.5).noise == 0.5
+
+
+def test_noise_scale_is_measured_once_per_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MEMIT_LAB_CACHE", str(tmp_path))
+    lm = load_model("tiny-gptj")
+    measured = embedding_noise(lm)
+    (stored,) = (tmp_path / "tracing").glob("embedding-std-*/std.json")
+    entry = stored.parent
+    assert json.loads(stored.read_text())["std"] == pytest.approx(measured / 3, rel=1e-12)
+    # A later call reads the stored value (planted here, with a valid manifest) instead of measuring again.
+    (entry / "std.json").write_text(json.dumps({"std": 0.25}))
+    write_manifest(entry)
+    assert embedding_noise(lm) == 0.75 == trace(lm, PROMPT, SUBJECT, samples=1, positions=[0]).noise
+    assert embedding_noise(lm, factor=2.0) == 0.5
+    # Other weights, another model: its own measurement.
+    with torch.no_grad():
+        lm.model.get_input_embeddings().weight.mul_(2.0)
+    assert embedding_noise(lm) == pytest.approx(2 * measured, rel=1e-9)
+    assert len(list((tmp_path / "tracing").glob("embedding-std-*/std.json"))) == 2
+    with pytest.raises(ValueError, match="factor must be a positive"):
+        embedding_noise(lm, factor=0.0)
 
 
 def _zero_mlps(lm: LoadedModel) -> None:
