@@ -71,6 +71,8 @@ __all__ = [
     "edit_keys",
     "edits_applied",
     "hidden_at_subject",
+    "layer_second_moments",
+    "solve_device",
 ]
 
 log = logging.getLogger(__name__)
@@ -141,7 +143,9 @@ MODEL_DEFAULTS: dict[str, MemitHyperParams] = {
 # --- reading the model -----------------------------------------------------------------------------------------
 
 
-def _run_to(lm: LoadedModel, module: str, prompts: list[tuple[tuple[int, ...], int]], batch: int, read_input: bool):
+def _run_to(
+    lm: LoadedModel, module: str, prompts: list[tuple[tuple[int, ...], int]], batch: int, read_input: bool
+) -> Float[torch.Tensor, "prompts width"]:
     """Input or output of ``module`` at one position per prompt, running the model no deeper than needed."""
     out = []
     for lo in range(0, len(prompts), batch):
@@ -152,8 +156,10 @@ def _run_to(lm: LoadedModel, module: str, prompts: list[tuple[tuple[int, ...], i
         for row, (seq, _) in enumerate(part):
             ids[row, : len(seq)] = torch.tensor(seq)
             mask[row, : len(seq)] = 1
-        with torch.no_grad(), Trace(lm.model, module, retain_input=read_input, retain_output=not read_input,
-                                    stop=True) as trace:  # fmt: skip
+        with (
+            torch.no_grad(),
+            Trace(lm.model, module, retain_input=read_input, retain_output=not read_input, stop=True) as trace,
+        ):
             lm.model(input_ids=ids, attention_mask=mask, use_cache=False)
         got = trace.input if read_input else trace.output
         assert got is not None
@@ -212,12 +218,12 @@ class WeightBackup:
 
     @classmethod
     def of(cls, lm: LoadedModel, layers: Sequence[int]) -> WeightBackup:
-        return cls(lm, {l: lm.adapter.w_out_parameter(lm.model, l).detach().clone() for l in layers})
+        return cls(lm, {layer: lm.adapter.w_out_parameter(lm.model, layer).detach().clone() for layer in layers})
 
     def restore(self) -> None:
         with torch.no_grad():
-            for l, w in self.saved.items():
-                lm_w = self.lm.adapter.w_out_parameter(self.lm.model, l)
+            for layer, w in self.saved.items():
+                lm_w = self.lm.adapter.w_out_parameter(self.lm.model, layer)
                 lm_w.copy_(w)
 
     def add(self, layer: int, delta: Float[torch.Tensor, "d_model d_mlp"]) -> None:
@@ -268,8 +274,12 @@ class MemitResult(EditResult):
         """One row per edit layer: ||Delta||, relative residual before and after its update."""
         after = (*self.residual_before[1:], self.residual_after)
         return pd.DataFrame(
-            {"layer": self.layers, "delta_norm": self.delta_norms, "residual_before": self.residual_before,
-             "residual_after": after}  # fmt: skip
+            {
+                "layer": self.layers,
+                "delta_norm": self.delta_norms,
+                "residual_before": self.residual_before,
+                "residual_after": after,
+            }
         )
 
     def plot(self, axes: Any = None) -> Any:
@@ -281,8 +291,12 @@ class MemitResult(EditResult):
         frame = self.to_frame()
         xs = ["start", *map(str, frame.layer)]
         axes[0].plot(xs, [1.0, *frame.residual_after], marker="o")
-        axes[0].set(xlabel="after updating layer", ylabel="||z - h^L|| / ||z - h0||", ylim=(0, 1.05),
-                    title="residual remaining (eq. 20)")  # fmt: skip
+        axes[0].set(
+            xlabel="after updating layer",
+            ylabel="||z - h^L|| / ||z - h0||",
+            ylim=(0, 1.05),
+            title="residual remaining (eq. 20)",
+        )
         axes[1].bar(frame.layer.astype(str), frame.delta_norm)
         axes[1].set(xlabel="layer", ylabel="||Delta||_F", title="size of each update")
         return axes
@@ -291,18 +305,20 @@ class MemitResult(EditResult):
 # --- Algorithm 1 ------------------------------------------------------------------------------------------------
 
 
-def _moments(
+def layer_second_moments(
     lm: LoadedModel, layers: Sequence[int], given: Mapping[int, torch.Tensor] | None, tokens: int, progress: bool
-) -> Mapping[int, torch.Tensor]:
+) -> Mapping[int, Float[torch.Tensor, "d_mlp d_mlp"]]:
+    """E[k k^T] of every layer (eq. 15): ``given`` after checking its shapes, else computed (or read from the cache)."""
     moments = given if given is not None else key_second_moment(lm, layers, n_tokens=tokens, progress=progress)
-    for l in layers:
-        c = moments.get(l)
+    for layer in layers:
+        c = moments.get(layer)
         if c is None or tuple(c.shape) != (lm.d_mlp, lm.d_mlp):
             raise ValueError(f"second_moments must hold a [{lm.d_mlp}, {lm.d_mlp}] E[k k^T] for every layer {layers}")
     return moments
 
 
-def _solve_device(lm: LoadedModel) -> torch.device:
+def solve_device(lm: LoadedModel) -> torch.device:
+    """Where the float64 solves run: the model's device, or the CPU for accelerators without float64."""
     # float64 is missing on some accelerators (MPS); the CPU always has it.
     return lm.device if lm.device.type in ("cpu", "cuda") else torch.device("cpu")
 
@@ -347,7 +363,7 @@ def apply_memit(
     requests = check_requests(requests, lm.tokenizer)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    moments = _moments(lm, hp.layers, second_moments, hp.stats_tokens, progress)
+    moments = layer_second_moments(lm, hp.layers, second_moments, hp.stats_tokens, progress)
     seconds["stats"] = time.perf_counter() - start
     if contexts is None:
         contexts = context_templates(lm, hp.z.n_contexts, hp.z.context_tokens, seed=hp.z.context_seed)
@@ -372,7 +388,7 @@ def apply_memit(
             keys = edit_keys(lm, requests, layer, contexts, batch=hp.key_batch)
             seconds["keys"] += time.perf_counter() - start
             start = time.perf_counter()
-            device = _solve_device(lm)
+            device = solve_device(lm)
             share = residual.T.to(device) / (len(hp.layers) - i)
             delta = insertion_update(share, keys.to(device), hp.lam * moments[layer].to(device))
             backup.add(layer, delta)
@@ -399,12 +415,12 @@ def edits_applied(
 ) -> Iterator[EditResult]:
     """``with edits_applied(lm, requests): ...`` -- the edited model inside, the original after (bit for bit).
 
-    ``method``: ``"memit"`` (:func:`apply_memit`), ``"rome"`` (:func:`memit_lab.rome.apply_rome`,
+    ``method``: ``"memit"`` (:func:`apply_memit`), ``"rome"`` or ``"rome-seq"`` (:func:`memit_lab.rome.apply_rome`,
     sequential) or ``"ft"`` (:func:`memit_lab.finetune.apply_ft`); ``kwargs`` go to that function.
     """
     if method == "memit":
         result: EditResult = apply_memit(lm, requests, hparams, **kwargs)
-    elif method == "rome":
+    elif method in ("rome", "rome-seq"):
         from .rome import apply_rome
 
         result = apply_rome(lm, requests, hparams, **kwargs)

@@ -127,9 +127,14 @@ def _sample_contexts(lm: LoadedModel, n: int, length: int, seed: int) -> list[st
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         out = lm.model.generate(
-            **enc, max_new_tokens=length - 1, do_sample=True, top_k=5, top_p=None, temperature=None,
+            **enc,
+            max_new_tokens=length - 1,
+            do_sample=True,
+            top_k=5,
+            top_p=None,
+            temperature=None,
             pad_token_id=tokenizer.pad_token_id,
-        )  # fmt: skip
+        )
     texts = tokenizer.batch_decode(out, skip_special_tokens=True)
     # The reference's recipe: braces would clash with the subject slot; a full stop separates.
     return [t.replace("{", " ").replace("}", " ").strip() + ". {}" for t in texts]
@@ -351,7 +356,7 @@ def _prepare(
             {i: lay.keys for i, lay in enumerate(cache.layers)},
             {i: lay.values for i, lay in enumerate(cache.layers)},
         )
-    blocks = [lm.model.get_submodule(lm.adapter.block(l)) for l in range(layer + 1, lm.n_layers)]
+    blocks = [lm.model.get_submodule(lm.adapter.block(i)) for i in range(layer + 1, lm.n_layers)]
     with _block_calls(blocks) as calls, Trace(lm.model, lm.adapter.block(layer)) as trace:
         out = _base(lm)(
             input_ids=ids_s,
@@ -405,9 +410,14 @@ def _replay(
 
 
 def _losses(
-    lm: LoadedModel, chunk: _Chunk, rows: torch.Tensor, h: torch.Tensor, delta: torch.Tensor, active: torch.Tensor,
+    lm: LoadedModel,
+    chunk: _Chunk,
+    rows: torch.Tensor,
+    h: torch.Tensor,
+    delta: torch.Tensor,
+    active: torch.Tensor,
     params: ZParams,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per active request: NLL of the new object (mean over prompts of the per-token mean), KL, weight decay."""
     norm = lm.model.get_submodule(lm.adapter.final_norm)
     unembed = lm.model.get_submodule(lm.adapter.unembed)
@@ -515,8 +525,16 @@ class ZResult:
         rel = (self.delta.norm(dim=-1) / self.h.norm(dim=-1)).tolist()
         return pd.DataFrame(
             [
-                {"request": i, "passes": len(c), "loss_first": c[0], "loss_last": c[-1], "nll": p[0], "kl": p[1],
-                 "decay": p[2], "delta_rel_norm": r}  # fmt: skip
+                {
+                    "request": i,
+                    "passes": len(c),
+                    "loss_first": c[0],
+                    "loss_last": c[-1],
+                    "nll": p[0],
+                    "kl": p[1],
+                    "decay": p[2],
+                    "delta_rel_norm": r,
+                }
                 for i, (c, p, r) in enumerate(zip(self.losses, self.final_parts, rel, strict=True))
             ]
         )

@@ -42,8 +42,9 @@ def _same_weights(lm: LoadedModel, snapshot: dict[str, torch.Tensor]) -> bool:
 
 
 def _tiny_moments(lm: LoadedModel, layers: tuple[int, ...]) -> dict[int, torch.Tensor]:
-    text = ["The Eiffel Tower is in Paris. The capital of Japan is Tokyo. Messi plays football."] * 8
-    return key_second_moment(lm, layers, corpus=text, n_tokens=256, progress=False, use_cache=False)
+    # The default corpus: varied text, so E[k k^T] is well conditioned (one repeated sentence
+    # gives tiny-gpt2's tokenizer, trained on such sentences, too few tokens and too few directions).
+    return key_second_moment(lm, layers, n_tokens=512, progress=False, use_cache=False)
 
 
 # --- eq. 16: the fast loss is the straightforward loss ----------------------------------------------------------
@@ -132,7 +133,9 @@ def test_edit_changes_prediction_reaches_z_and_restores_bit_for_bit(tiny_lm: Loa
     texts = [r.text for r in REQUESTS]
     before = tiny_lm.model(**tiny_lm.tokenizer(texts[:1], return_tensors="pt")).logits[0, -1].softmax(-1)
     moments = _tiny_moments(tiny_lm, (0, 1))
-    result = apply_memit(tiny_lm, REQUESTS, _tiny_hparams(tiny_lm), second_moments=moments, contexts=CONTEXTS)
+    # The bare prompt only: the keys are then exactly the bare prompt's, so (small lambda) the
+    # edited model must reach z on it; with context prefixes the keys are averages and it only nears z.
+    result = apply_memit(tiny_lm, REQUESTS, _tiny_hparams(tiny_lm), second_moments=moments, contexts=("{}",))
     after = tiny_lm.model(**tiny_lm.tokenizer(texts[:1], return_tensors="pt")).logits[0, -1].softmax(-1)
     assert (after - before).abs().sum() > 0.05  # the prompt's next-token distribution moved
     # Algorithm 1's promise: h^L at the subject's last token is now z (small lambda: nearly exact).
@@ -140,7 +143,7 @@ def test_edit_changes_prediction_reaches_z_and_restores_bit_for_bit(tiny_lm: Loa
     torch.testing.assert_close(hidden_at_subject(tiny_lm, REQUESTS, 1), result.z.z, rtol=1e-3, atol=1e-3)
     assert result.residual_after < 1e-3 < result.residual_before[0]
     changed = {k for k, v in tiny_lm.model.state_dict().items() if not torch.equal(v, snapshot[k])}
-    assert changed == {tiny_lm.adapter.w_out_module(l) + ".weight" for l in (0, 1)}
+    assert changed == {tiny_lm.adapter.w_out_module(layer) + ".weight" for layer in (0, 1)}
     result.restore()
     assert _same_weights(tiny_lm, snapshot)
 
@@ -191,18 +194,28 @@ def test_nan_update_is_refused_with_no_weight_changed(tiny_lm: LoadedModel, monk
     monkeypatch.setattr(memit_module, "insertion_update", nan_on_second_layer)
     snapshot = _snapshot(tiny_lm)
     with pytest.raises(NonFiniteUpdateError, match="layer 1"):
-        apply_memit(tiny_lm, REQUESTS, _tiny_hparams(tiny_lm), second_moments=_tiny_moments(tiny_lm, (0, 1)),
-                    contexts=CONTEXTS)  # fmt: skip
+        apply_memit(
+            tiny_lm, REQUESTS, _tiny_hparams(tiny_lm), second_moments=_tiny_moments(tiny_lm, (0, 1)), contexts=CONTEXTS
+        )
     assert len(calls) == 2
     assert _same_weights(tiny_lm, snapshot)
 
 
 def test_edits_applied_restores_also_after_an_error(tiny_lm: LoadedModel) -> None:
     snapshot = _snapshot(tiny_lm)
-    with pytest.raises(KeyError), edits_applied(tiny_lm, REQUESTS[:1], hparams=_tiny_hparams(tiny_lm),
-                                                 second_moments=_tiny_moments(tiny_lm, (0, 1)), contexts=CONTEXTS):  # fmt: skip
-        assert not _same_weights(tiny_lm, snapshot)
-        raise KeyError("inside the block")
+    moments = _tiny_moments(tiny_lm, (0, 1))
+    inside = []
+
+    def edit_then_fail() -> None:
+        with edits_applied(
+            tiny_lm, REQUESTS[:1], hparams=_tiny_hparams(tiny_lm), second_moments=moments, contexts=CONTEXTS
+        ):
+            inside.append(_same_weights(tiny_lm, snapshot))
+            raise KeyError("inside the block")
+
+    with pytest.raises(KeyError, match="inside the block"):
+        edit_then_fail()
+    assert inside == [False]
     assert _same_weights(tiny_lm, snapshot)
 
 
@@ -227,9 +240,9 @@ def _counterfactuals(facts: list[Fact]) -> list[EditRequest]:
 
 @pytest.fixture
 def restored_smollm(smollm: LoadedModel) -> Iterator[LoadedModel]:
-    snapshot = {l: smollm.adapter.w_out_parameter(smollm.model, l).detach().clone() for l in range(smollm.n_layers)}
+    snapshot = {i: smollm.adapter.w_out_parameter(smollm.model, i).detach().clone() for i in range(smollm.n_layers)}
     yield smollm
-    assert all(torch.equal(smollm.adapter.w_out_parameter(smollm.model, l), w) for l, w in snapshot.items())
+    assert all(torch.equal(smollm.adapter.w_out_parameter(smollm.model, i), w) for i, w in snapshot.items())
 
 
 def test_ten_known_facts_edited_at_once(restored_smollm: LoadedModel) -> None:
