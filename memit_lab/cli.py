@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+import shutil
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 from .models import LoadedModel, load_model
 from .prompts import top_predictions
@@ -165,7 +169,92 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_cmd_eval)
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo, _add_trace, _add_eval]
+def _edit_probabilities(lm: LoadedModel, requests: Sequence[Any]) -> tuple[list[float], list[float | None]]:
+    """P(new object) and P(true object, when given) after each request's prompt (mean per-token probability)."""
+    from .evaluate import mean_nll
+
+    texts = [r.text for r in requests]
+    new = mean_nll(lm, texts, [r.target_new for r in requests])
+    with_true = [i for i, r in enumerate(requests) if r.target_true]
+    true: list[float | None] = [None] * len(requests)
+    if with_true:
+        nll = mean_nll(lm, [texts[i] for i in with_true], [requests[i].target_true for i in with_true])
+        for i, value in zip(with_true, nll, strict=True):
+            true[i] = float(math.exp(-value))
+    return [float(math.exp(-v)) for v in new], true
+
+
+def _save_edited(lm: LoadedModel, folder: Path) -> None:
+    """safetensors weights + tokenizer that ``load_model(folder)`` reads; written beside, then moved in place."""
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    lm.model.save_pretrained(partial, safe_serialization=True)
+    lm.tokenizer.save_pretrained(partial)
+    partial.rename(folder)
+
+
+def _cmd_edit(args: argparse.Namespace) -> int:
+    # Imported here, like trace's: the editing code pulls in pandas and the statistics.
+    import pandas as pd
+
+    from .memit import NonFiniteUpdateError, apply_memit
+    from .requests import check_requests, load_requests
+
+    requests = load_requests(args.requests)
+    out = Path(args.save_to).expanduser() if args.save_to else None
+    if out is not None and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--save-to {out} exists and is not an empty folder; choose a new folder")
+    lm = _load(args)
+    requests = check_requests(requests, lm.tokenizer)  # refused here, before anything is computed
+    new_before, true_before = _edit_probabilities(lm, requests)
+    progress = sys.stderr.isatty()
+    start = time.perf_counter()
+    try:
+        if args.method == "memit":
+            apply_memit(lm, requests, progress=progress)
+        elif args.method == "rome":
+            from .rome import apply_rome
+
+            apply_rome(lm, requests, progress=progress)
+        else:
+            from .finetune import apply_ft
+
+            apply_ft(lm, requests, progress=progress)
+    except NonFiniteUpdateError as err:
+        raise ValueError(f"{err} (the model was left unchanged)") from None
+    seconds = time.perf_counter() - start
+    new_after, true_after = _edit_probabilities(lm, requests)
+    table = pd.DataFrame(
+        {
+            "prompt": [r.text for r in requests],
+            "new": [r.target_new for r in requests],
+            "P(new) before": new_before,
+            "P(new) after": new_after,
+            "true": [r.target_true or "-" for r in requests],
+            "P(true) before": true_before,
+            "P(true) after": true_after,
+        }
+    )
+    print(f"{args.method}: {len(requests)} edits in {seconds:.1f} s\n")
+    print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}", na_rep="-"))
+    if out is not None:
+        _save_edited(lm, out)
+        print(f"\nedited model written to {out}; load it with memit_lab.load_model({str(out)!r})")
+    return 0
+
+
+def _add_edit(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("edit", help="write facts from a JSON file into the model (MEMIT, ROME or FT-W)")
+    _add_common(parser)
+    parser.add_argument(
+        "--requests", required=True, help='JSON list of {"prompt": "The capital of {} is", "subject", "target_new"}'
+    )
+    parser.add_argument("--method", choices=["memit", "rome", "ft"], default="memit", help="how to edit")
+    parser.add_argument("--save-to", default=None, help="write the edited model (safetensors + tokenizer) here")
+    parser.set_defaults(func=_cmd_edit)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo, _add_trace, _add_eval, _add_edit]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,5 +1,7 @@
 """The command line prints what the README says it prints, and fails with a message, not a traceback."""
 
+from pathlib import Path
+
 import pytest
 
 from memit_lab.cli import main
@@ -31,3 +33,56 @@ def test_trace_prints_the_peak_cells(capsys: pytest.CaptureFixture[str]) -> None
     assert len([line for line in out.splitlines() if " True " in line or " False " in line]) == 2
     assert main([*args, "--kind", "attn"]) == 2  # window 10 on a 3-layer model
     assert "window=10 does not fit a model of 3 layers" in capsys.readouterr().err
+
+
+def _write_requests(path: Path, requests: list[dict[str, str]]) -> str:
+    import json
+
+    path.write_text(json.dumps(requests))
+    return str(path)
+
+
+def test_edit_prints_probabilities_and_saves_a_model_load_model_reads(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import numpy as np
+    import torch
+
+    from memit_lab import load_model
+    from memit_lab.evaluate import mean_nll
+
+    edits = _write_requests(
+        tmp_path / "edits.json",
+        [{"prompt": "The {} is located in", "subject": "Eiffel Tower", "target_new": "Rome", "target_true": "Paris"}],
+    )
+    out = tmp_path / "edited"
+    assert main(["edit", "--model", "tiny-gpt2", "--requests", edits, "--method", "ft", "--save-to", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "ft: 1 edits" in printed and "The Eiffel Tower is located in" in printed and "P(new) after" in printed
+    edited, fresh = load_model(str(out)), load_model("tiny-gpt2")
+    # Only W_out of FT's layer differs from the unedited model; the tokenizer came along.
+    layer = 1  # FtHyperParams.for_model: the middle of default_layers(3) = (0, 1)
+    changed = {k for k, v in edited.model.state_dict().items() if not torch.equal(v, fresh.model.state_dict()[k])}
+    assert changed == {fresh.adapter.w_out_module(layer) + ".weight"}
+    assert edited.tokenizer("Eiffel Tower").input_ids == fresh.tokenizer("Eiffel Tower").input_ids
+    p_after = float(np.exp(-mean_nll(edited, ["The Eiffel Tower is located in"], ["Rome"]))[0])
+    row = next(line for line in printed.splitlines() if line.strip().startswith("The Eiffel Tower"))
+    assert row.split()[7] == f"{p_after:.3f}"  # P(new) after, as the saved model computes it
+
+
+def test_edit_refuses_conflicting_requests_and_writes_nothing(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    edits = _write_requests(
+        tmp_path / "edits.json",
+        [
+            {"prompt": "The {} is located in", "subject": "Eiffel Tower", "target_new": "Rome"},
+            {"prompt": "The {} is located in", "subject": "Eiffel Tower", "target_new": "Berlin"},
+        ],
+    )
+    out = tmp_path / "edited"
+    assert main(["edit", "--model", "tiny-gpt2", "--requests", edits, "--save-to", str(out)]) == 2
+    assert "conflicting requests" in capsys.readouterr().err
+    assert not out.exists()
