@@ -52,9 +52,10 @@ from .prompts import check_prompt, generate, subject_token_span, target_scores
 from .requests import EditRequest
 from .residual import LogitAttribution, LogitLens, direct_logit_attribution, logit_lens, run_with_cache
 from .residual_plots import plot_attribution, plot_logit_lens
+from .rome import RomeHyperParams, apply_rome
 from .stats import key_second_moment
 from .tracing import KINDS, CausalTrace, recommend_layers, trace
-from .zopt import context_templates
+from .zopt import ZParams, context_templates
 
 __all__ = [
     "METHODS",
@@ -113,7 +114,7 @@ class Message:
 
     def html(self) -> str:
         colour = "#b00020" if self.level == "error" else "#0b5394"
-        return f'<div style="color:{colour}">{html.escape(self.text)}</div>'
+        return f'<div class="memit-message-{self.level}" style="color:{colour}">{html.escape(self.text)}</div>'
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,8 @@ class TraceView:
         layers: the recommended edit layers R: MEMIT's defaults for the model
             (:meth:`memit_lab.memit.MemitHyperParams.for_model`, chosen by measurement over
             many facts) -- the edit playground's default.
+        rome_layer: ROME's one edit layer for the model
+            (:meth:`memit_lab.rome.RomeHyperParams.for_model`), the playground's default for ROME.
         fact_layers: as many consecutive MLP layers as R whose outputs, restored together at
             the last subject token, bring back the most of this one fact
             (:func:`memit_lab.tracing.recommend_layers` on this fact alone); ``None`` when
@@ -133,6 +136,7 @@ class TraceView:
 
     trace: CausalTrace
     layers: tuple[int, ...]
+    rome_layer: int
     fact_layers: tuple[int, ...] | None
 
     def to_frame(self) -> pd.DataFrame:
@@ -152,8 +156,8 @@ class TraceView:
         return (
             f"P({html.escape(repr(t.target))}) clean {t.clean_prob:.3f}, with the subject corrupted "
             f"{t.corrupted_prob:.3f} ({t.samples} noise samples). Recommended edit layers: "
-            f"<b>{_layer_text(self.layers)}</b> (MEMIT's default for this model, measured over many facts); "
-            f"{html.escape(alone)}."
+            f"<b>{_layer_text(self.layers)}</b> for MEMIT, <b>{self.rome_layer}</b> for ROME (the defaults for "
+            f"this model, measured over many facts); {html.escape(alone)}."
         )
 
 
@@ -177,7 +181,7 @@ class EditView:
     """What an edit changed: P(new object) and the greedy continuation of every probe, before and after.
 
     Attributes:
-        method, layers, lam: how the edit was made.
+        method, layers, lam: how the edit was made (``lam``: ``None`` for ROME, which has no λ).
         facts: the facts written.
         frame: one row per probe: ``fact`` (index), ``probe`` (edit prompt / paraphrase /
             neighbour), ``prompt``, ``new_object``, ``p_before``, ``p_after`` (P of the new
@@ -187,7 +191,7 @@ class EditView:
 
     method: str
     layers: tuple[int, ...]
-    lam: float
+    lam: float | None
     facts: tuple[FactEdit, ...]
     frame: pd.DataFrame
     seconds: float = field(compare=False)
@@ -206,9 +210,10 @@ class EditView:
         return float(self.frame.p_after.iloc[0])
 
     def html(self) -> str:
+        how = "" if self.lam is None else f" (λ = {self.lam:g})"
         head = (
-            f"{self.method} wrote {len(self.facts)} fact(s) into layers {_layer_text(self.layers)} "
-            f"(λ = {self.lam:g}) in {self.seconds:.1f} s."
+            f"{self.method} wrote {len(self.facts)} fact(s) into layer(s) {_layer_text(self.layers)}{how} "
+            f"in {self.seconds:.1f} s."
         )
         return f"<p>{html.escape(head)}</p>" + _table(self.frame)
 
@@ -308,17 +313,21 @@ class ExplorerState:
         edits: the stack of applied edits, newest last; :func:`undo` pops one.
         hparams: MEMIT's hyper-parameters (``None``: :meth:`MemitHyperParams.for_model`); the
             edit's layers and λ replace theirs.
-        contexts, second_moments: eq. 16's context prefixes and eq. 15's E[k k^T] per layer,
-            taken from the model before its first edit and kept for the later ones (as the
-            paper does), so a second edit neither resamples nor recomputes them.
+        rome_hparams: ROME's (``None``: :meth:`memit_lab.rome.RomeHyperParams.for_model`); the
+            edit's layer replaces theirs.
+        contexts, second_moments: eq. 16's context prefixes (by number, length and seed) and
+            eq. 15's E[k k^T] (by layer and number of tokens), taken from the model before its
+            first edit and kept for the later ones (as the paper does), so a second edit
+            neither resamples nor recomputes them.
     """
 
     lm: LoadedModel
     window: int = 10
     edits: list[_AppliedEdit] = field(default_factory=list)
     hparams: MemitHyperParams | None = None
-    contexts: tuple[str, ...] | None = None
-    second_moments: dict[int, torch.Tensor] = field(default_factory=dict)
+    rome_hparams: RomeHyperParams | None = None
+    contexts: dict[tuple[int, int, int], tuple[str, ...]] = field(default_factory=dict)
+    second_moments: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
 
 
 # -- plain functions (the widgets' callbacks call these) --------------------------------------------------------
@@ -404,7 +413,7 @@ def run_trace(
     progress("choosing edit layers", 0.9)
     fact_layers = _fact_layers(state, result, samples)
     progress("done", 1.0)
-    return TraceView(result, _default_layers(state), fact_layers)
+    return TraceView(result, _default_layers(state), _default_layers(state, "ROME")[0], fact_layers)
 
 
 def _check_fact(lm: LoadedModel, prompt: str, subject: str) -> Message | None:
@@ -467,12 +476,14 @@ def _generations(lm: LoadedModel, probes: Sequence[tuple[int, str, str, str]], m
     return [text.strip() for text in generate(lm, [p[2] for p in probes], max_new_tokens)]
 
 
-def _check_edit_input(state: ExplorerState, facts: Sequence[FactEdit], method: str, lam: float) -> Message | None:
+def _check_edit_input(
+    state: ExplorerState, facts: Sequence[FactEdit], method: str, lam: float | None
+) -> Message | None:
     if method not in METHODS:
         return Message(f"method must be one of {', '.join(METHODS)}, not {method!r}")
     if not facts:
         return Message("Add at least one fact: a prompt containing its subject, the subject, and a new object.")
-    if not (isinstance(lam, int | float) and math.isfinite(lam) and lam > 0):
+    if method == "MEMIT" and not (isinstance(lam, int | float) and math.isfinite(lam) and lam > 0):
         return Message(f"λ must be a positive number (it weighs the old memories against the new ones), not {lam!r}")
     for i, fact in enumerate(facts, start=1):
         problem = _check_fact(state.lm, fact.prompt, fact.subject)
@@ -499,12 +510,13 @@ def apply_edit(
     """Write ``facts`` into the model with MEMIT (paper Algorithm 1) or ROME, and show what changed.
 
     The W_out weights of the edited layers are saved first; :func:`undo` puts them back.
-    ``layers`` defaults to the recommended ones (MEMIT's defaults for the model; ROME: its top
-    layer); ``lam`` (λ of eq. 14) to the method's default. Bad input gives a
-    :class:`Message` and changes nothing.
+    ``layers`` defaults to the recommended ones (MEMIT's and ROME's defaults for the model);
+    ``lam`` (λ of eq. 14-15, MEMIT only: ROME's update is exact on its key, so scaling C
+    changes nothing) to MEMIT's default. Several facts: MEMIT writes them at once, ROME one
+    after the other. Bad input gives a :class:`Message` and changes nothing.
     """
     lm = state.lm
-    lam = _default_lam(state, method) if lam is None else lam
+    lam = None if method == "ROME" else _hparams(state).lam if lam is None else lam
     problem = _check_edit_input(state, facts, method, lam)
     if problem is not None:
         return problem
@@ -512,11 +524,12 @@ def apply_edit(
         wanted = parse_layers(layers, lm.n_layers) if isinstance(layers, str) else layers
     except ValueError as err:
         return Message(str(err))
-    chosen = tuple(wanted) if wanted else _default_layers(state, method)
+    chosen = tuple(sorted(set(wanted))) if wanted else _default_layers(state, method)
     if not all(0 <= layer < lm.n_layers for layer in chosen):
         return Message(f"layers {list(chosen)} do not exist: this model has layers 0..{lm.n_layers - 1}")
     if method == "ROME" and len(chosen) != 1:
-        chosen = chosen[-1:]
+        default = _default_layers(state, method)[0]
+        return Message(f"ROME edits one layer: type one layer number (the default for this model: {default})")
     probes = _probes(facts)
     progress("scoring the probes before the edit", 0.05)
     p_before, gen_before = _scores(lm, probes), _generations(lm, probes, max_new_tokens)
@@ -524,7 +537,7 @@ def apply_edit(
     progress(f"{method}: computing the update of layers {_layer_text(chosen)}", 0.2)
     start = time.perf_counter()
     try:
-        _edit(state, method, facts, chosen, lam)
+        _edit(state, facts, chosen, lam)
     except ValueError as err:
         _restore(lm, saved)
         return Message(str(err))
@@ -546,7 +559,7 @@ def apply_edit(
             "generation_after": gen_after,
         }
     )
-    view = EditView(method, chosen, float(lam), tuple(facts), frame, seconds)
+    view = EditView(method, chosen, None if lam is None else float(lam), tuple(facts), frame, seconds)
     state.edits.append(_AppliedEdit(saved, view))
     progress("done", 1.0)
     return view
@@ -556,30 +569,44 @@ def _hparams(state: ExplorerState) -> MemitHyperParams:
     return state.hparams or MemitHyperParams.for_model(state.lm)
 
 
-def _default_lam(state: ExplorerState, method: str) -> float:
-    return _hparams(state).lam if method == "MEMIT" else _hparams(state).lam  # PROVISIONAL: ROME's own
+def _rome_hparams(state: ExplorerState) -> RomeHyperParams:
+    return state.rome_hparams or RomeHyperParams.for_model(state.lm)
 
 
 def _default_layers(state: ExplorerState, method: str = "MEMIT") -> tuple[int, ...]:
-    layers = _hparams(state).layers
-    return layers if method == "MEMIT" else layers[-1:]
+    return _hparams(state).layers if method == "MEMIT" else (_rome_hparams(state).layer,)
 
 
 def _requests(facts: Sequence[FactEdit]) -> list[EditRequest]:
     return [EditRequest(_template(f.prompt, f.subject), f.subject, f.new_object.strip()) for f in facts]
 
 
-def _edit(state: ExplorerState, method: str, facts: Sequence[FactEdit], layers: tuple[int, ...], lam: float) -> None:
-    """Apply the edit in place (the caller keeps the weights to undo it)."""
-    lm, hp = state.lm, _hparams(state)
-    if state.contexts is None:
-        state.contexts = context_templates(lm, hp.z.n_contexts, hp.z.context_tokens, seed=hp.z.context_seed)
-    missing = [layer for layer in layers if layer not in state.second_moments]
+def _contexts(state: ExplorerState, z: ZParams) -> tuple[str, ...]:
+    key = (z.n_contexts, z.context_tokens, z.context_seed)
+    if key not in state.contexts:
+        state.contexts[key] = tuple(context_templates(state.lm, *key[:2], seed=key[2]))
+    return state.contexts[key]
+
+
+def _second_moments(state: ExplorerState, layers: Sequence[int], n_tokens: int) -> dict[int, torch.Tensor]:
+    missing = [layer for layer in layers if (layer, n_tokens) not in state.second_moments]
     if missing:
-        state.second_moments.update(key_second_moment(lm, missing, n_tokens=hp.stats_tokens, progress=False))
-    moments = {layer: state.second_moments[layer] for layer in layers}
-    hp = hp.replace(layers=layers, lam=lam)
-    apply_memit(lm, _requests(facts), hp, second_moments=moments, contexts=state.contexts)
+        computed = key_second_moment(state.lm, missing, n_tokens=n_tokens, progress=False)
+        state.second_moments.update({(layer, n_tokens): c for layer, c in computed.items()})
+    return {layer: state.second_moments[layer, n_tokens] for layer in layers}
+
+
+def _edit(state: ExplorerState, facts: Sequence[FactEdit], layers: tuple[int, ...], lam: float | None) -> None:
+    """Apply the edit in place (the caller keeps the weights to undo it); ``lam`` ``None`` means ROME."""
+    requests = _requests(facts)
+    if lam is None:
+        rome = _rome_hparams(state).replace(layer=layers[0])
+        moments = _second_moments(state, layers, rome.stats_tokens)
+        apply_rome(state.lm, requests, rome, second_moments=moments, contexts=_contexts(state, rome.z))
+    else:
+        memit = _hparams(state).replace(layers=layers, lam=lam)
+        moments = _second_moments(state, layers, memit.stats_tokens)
+        apply_memit(state.lm, requests, memit, second_moments=moments, contexts=_contexts(state, memit.z))
 
 
 @torch.no_grad()
@@ -769,7 +796,12 @@ class EditPlayground:
         self.method = w.ToggleButtons(options=list(METHODS), value="MEMIT")
         recommended = _layer_text(_default_layers(state, "MEMIT"))
         self.layers = _text("Layers", recommended, "e.g. 3-7 (empty: recommended)", width="260px")
-        self.lam = w.FloatText(value=_default_lam(state, "MEMIT"), description="λ", layout=w.Layout(width="180px"))
+        self.lam = w.FloatText(
+            value=_hparams(state).lam,
+            description="λ",
+            tooltip="MEMIT's weight of the old memories (eq. 14-15); ROME has none",
+            layout=w.Layout(width="180px"),
+        )
         self.edit = _button("Edit", "memit-edit-button")
         self.undo = _button("Undo", "memit-undo-button", style="warning")
         self.p_before, self.p_after, self.p_now = (
@@ -805,7 +837,8 @@ class EditPlayground:
 
     def _method_defaults(self, method: str) -> None:
         self.layers.value = _layer_text(_default_layers(self.state, method))
-        self.lam.value = _default_lam(self.state, method)
+        self.lam.value = _hparams(self.state).lam
+        self.lam.disabled = method == "ROME"  # a rank-one update exact on its key: scaling C changes nothing
 
     def _add_row(self) -> None:
         self.rows.append(_FactRow())
@@ -882,10 +915,15 @@ class Explorer:
     """
 
     def __init__(
-        self, lm: LoadedModel, fact: Fact | None = None, samples: int = 3, hparams: MemitHyperParams | None = None
+        self,
+        lm: LoadedModel,
+        fact: Fact | None = None,
+        samples: int = 3,
+        hparams: MemitHyperParams | None = None,
+        rome_hparams: RomeHyperParams | None = None,
     ) -> None:
         fact = KNOWN_FACTS[0] if fact is None else fact
-        self.state = ExplorerState(lm, hparams=hparams)
+        self.state = ExplorerState(lm, hparams=hparams, rome_hparams=rome_hparams)
         self.trace = TraceExplorer(self.state, fact.prompt, fact.subject, samples)
         self.edit = EditPlayground(self.state, [FactEdit(fact.prompt, fact.subject, "")])
         self.lens = LensExplorer(self.state, fact.prompt)

@@ -8,7 +8,10 @@ import torch
 from memit_lab import LoadedModel, load_model
 from memit_lab.facts import KNOWN_FACTS, facts_by_relation
 from memit_lab.memit import MemitHyperParams
+from memit_lab.requests import EditRequest
 from memit_lab.residual import direct_logit_attribution, logit_lens, run_with_cache
+from memit_lab.rome import RomeHyperParams, apply_rome
+from memit_lab.stats import key_second_moment
 from memit_lab.tracing import recommend_layers, trace
 from memit_lab.widgets import (
     EditView,
@@ -26,7 +29,7 @@ from memit_lab.widgets import (
     run_trace,
     undo,
 )
-from memit_lab.zopt import ZParams
+from memit_lab.zopt import ZParams, context_templates
 
 PROMPT = "The Eiffel Tower is located in the city of"
 SUBJECT = "Eiffel Tower"
@@ -43,6 +46,7 @@ def _unchanged(lm: LoadedModel, before: dict[str, torch.Tensor]) -> bool:
 # Few z steps and contexts, little text for E[kk^T]: the mechanics of an edit on a tiny model, quick enough for CI.
 # (A tiny random model's answers barely move under an edit; whether an edit works is checked on the bundled model.)
 LIGHT = MemitHyperParams(layers=(0, 1), z=ZParams(steps=5, n_contexts=1), stats_tokens=1024)
+LIGHT_ROME = RomeHyperParams(layer=1, z=ZParams(steps=5, n_contexts=2), stats_tokens=1024)
 
 
 @pytest.fixture
@@ -51,7 +55,7 @@ def gpt2() -> LoadedModel:
 
 
 def _state(lm: LoadedModel) -> ExplorerState:
-    return ExplorerState(lm, hparams=LIGHT)
+    return ExplorerState(lm, hparams=LIGHT, rome_hparams=LIGHT_ROME)
 
 
 # -- parsing and defaults ----------------------------------------------------------------------------------------
@@ -119,7 +123,7 @@ def test_trace_explorer_shows_the_library_trace_and_reports_progress(gpt2: Loade
     direct = trace(gpt2, PROMPT, SUBJECT, kind="mlp", window=gpt2.n_layers, samples=1)
     assert torch.equal(result.trace.scores, direct.scores)
     assert seen == sorted(seen) and seen[-1] == 1.0
-    assert result.layers == LIGHT.layers
+    assert result.layers == LIGHT.layers and result.rome_layer == LIGHT_ROME.layer
     assert result.fact_layers == recommend_layers(gpt2, [direct], 2, samples=1, use_cache=False).layers
 
 
@@ -166,6 +170,9 @@ ROME_FACT = FactEdit(PROMPT, SUBJECT, "Rome")
         ([ROME_FACT], "MEMIT", [0, 5], None, "layers 0..2"),
         ([ROME_FACT], "MEMIT", None, -1.0, "λ must be a positive number"),
         ([ROME_FACT], "MEMIT", None, float("nan"), "λ must be a positive number"),
+        ([ROME_FACT], "ROME", "0-1", None, "ROME edits one layer"),
+        ([ROME_FACT], "ROME", "5", None, "layers 0..2"),
+        ([FactEdit(PROMPT, SUBJECT, "")], "ROME", None, None, "type the new object"),
     ],
 )
 def test_edit_playground_answers_bad_input_with_a_message_and_changes_nothing(
@@ -195,6 +202,19 @@ def test_a_failing_edit_is_rolled_back(gpt2: LoadedModel, monkeypatch: pytest.Mo
     else:
         with pytest.raises(RuntimeError, match="out of memory"):
             apply_edit(state, [ROME_FACT], "MEMIT", "0-1")
+    assert _unchanged(gpt2, before) and state.edits == []
+
+
+def test_a_failing_rome_edit_is_rolled_back(gpt2: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    def half_done(lm: LoadedModel, requests: object, hparams: RomeHyperParams, **kwargs: object) -> None:
+        with torch.no_grad():
+            lm.adapter.w_out_parameter(lm.model, hparams.layer).add_(1.0)
+        raise ValueError("delta is not finite")
+
+    monkeypatch.setattr("memit_lab.widgets.apply_rome", half_done)
+    state = _state(gpt2)
+    before = _weights(gpt2)
+    assert apply_edit(state, [ROME_FACT], "ROME", "2") == Message("delta is not finite")
     assert _unchanged(gpt2, before) and state.edits == []
 
 
@@ -234,6 +254,32 @@ def test_an_edit_of_the_bundled_model_moves_its_answer_and_undo_moves_it_back(sm
     assert _unchanged(smollm, before)
 
 
+def test_a_rome_edit_is_the_library_rome_on_one_layer_and_undo_restores_it(gpt2: LoadedModel) -> None:
+    """ROME through the playground: the same weights as :func:`apply_rome` with the same settings; no λ."""
+    state = _state(gpt2)
+    before = _weights(gpt2)
+    facts = [ROME_FACT, FactEdit("The capital of France is", "France", "Berlin")]
+    edited = apply_edit(state, facts, "ROME", lam=-1.0)  # λ is MEMIT's: ignored, not rejected
+    assert isinstance(edited, EditView), edited
+    assert edited.layers == (LIGHT_ROME.layer,) and edited.lam is None and "λ" not in edited.html()
+    via_widget = _weights(gpt2)
+    changed = {name for name in before if not torch.equal(via_widget[name], before[name])}
+    assert changed == {gpt2.adapter.w_out_module(LIGHT_ROME.layer) + ".weight"}
+
+    assert isinstance(undo(state), UndoView) and _unchanged(gpt2, before)
+    moments = key_second_moment(gpt2, [LIGHT_ROME.layer], n_tokens=LIGHT_ROME.stats_tokens, progress=False)
+    contexts = context_templates(gpt2, LIGHT_ROME.z.n_contexts, LIGHT_ROME.z.context_tokens)
+    requests = [
+        EditRequest("The {} is located in the city of", "Eiffel Tower", "Rome"),
+        EditRequest("The capital of {} is", "France", "Berlin"),
+    ]
+    direct = apply_rome(gpt2, requests, LIGHT_ROME, second_moments=moments, contexts=contexts)
+    try:
+        assert all(torch.equal(p, via_widget[name]) for name, p in gpt2.model.named_parameters())
+    finally:
+        direct.restore()
+
+
 def test_undo_pops_edits_newest_first(gpt2: LoadedModel) -> None:
     state = _state(gpt2)
     original = _weights(gpt2)
@@ -249,7 +295,7 @@ def test_undo_pops_edits_newest_first(gpt2: LoadedModel) -> None:
 
 def test_the_buttons_call_the_same_functions(gpt2: LoadedModel) -> None:
     """Clicking through the panels: bad input shows a message, Edit shows P(new) rising, Undo brings it back."""
-    explorer = Explorer(gpt2, samples=1, hparams=LIGHT)
+    explorer = Explorer(gpt2, samples=1, hparams=LIGHT, rome_hparams=LIGHT_ROME)
     before = _weights(gpt2)
     explorer.edit.edit.click()
     assert isinstance(explorer.edit.result, Message) and "new object" in explorer.edit.result.text
@@ -262,9 +308,9 @@ def test_the_buttons_call_the_same_functions(gpt2: LoadedModel) -> None:
     assert (row.prompt.value, row.subject.value) == (explorer.trace.prompt.value, explorer.trace.subject.value)
     assert parse_layers(explorer.edit.layers.value, gpt2.n_layers) == explorer.trace.result.layers
     explorer.edit.method.value = "ROME"
-    assert explorer.edit.layers.value == "1"
+    assert explorer.edit.layers.value == "1" and explorer.edit.lam.disabled
     explorer.edit.method.value = "MEMIT"
-    assert explorer.edit.layers.value == "0-1"
+    assert explorer.edit.layers.value == "0-1" and not explorer.edit.lam.disabled
 
     explorer.edit.rows[0].new_object.value = "Rome"
     explorer.edit.edit.click()
