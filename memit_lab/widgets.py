@@ -24,8 +24,10 @@ Example:
     >>> run_trace(state, "The Eiffel Tower is in", "Colosseum").level
     'error'
     >>> view = run_trace(state, "The Eiffel Tower is in", "Eiffel Tower", kind="hidden", samples=1)
-    >>> view.trace.scores.shape
-    torch.Size([3, 6])
+    >>> view.trace.scores.shape == (state.lm.n_layers, len(view.trace.tokens))  # one row per layer, column per token
+    True
+    >>> view.layers, view.rome_layer  # the recommended edit layers: MEMIT's, ROME's
+    ((0, 1), 1)
 """
 
 from __future__ import annotations
