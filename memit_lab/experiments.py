@@ -27,12 +27,13 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from io import StringIO
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -51,19 +52,27 @@ from .evaluate import (
     mean_nll,
     zsre_scores,
 )
-from .memit import EditResult, apply_memit
+from .memit import EditResult, MemitHyperParams, apply_memit
 from .models import LoadedModel
 from .requests import EditRequest
 
 __all__ = [
     "METHODS",
+    "PLANS",
+    "SCALES",
     "EditDemo",
+    "Plan",
     "Sweep",
+    "by_scale",
+    "cached_run",
+    "default_hparams",
     "edit_demo",
     "edit_request",
+    "plan",
     "preserved_weights",
     "question_slice",
     "run_edits",
+    "scale",
     "scaling_sweep",
 ]
 
@@ -71,6 +80,105 @@ log = logging.getLogger(__name__)
 
 METHODS = ("unedited", "memit", "rome-seq", "ft")
 Record = CounterFactRecord | ZsreRecord
+
+
+# --- how big: the CI-sized default or the full scale -----------------------------------------------------------------
+
+SCALES = ("small", "full")
+T = TypeVar("T")
+
+
+def scale() -> str:
+    """``"small"`` (default: sized for CI on two CPU cores) or ``"full"``, from the variable MEMIT_LAB_SCALE.
+
+    Notebooks 05-07 and ``make reproduce`` read it: ``MEMIT_LAB_SCALE=full jupyter lab`` or
+    ``MEMIT_LAB_SCALE=full make reproduce`` runs the paper's experiments at the largest size
+    this package plans for a CPU (hours), ``small`` in minutes.
+    """
+    value = os.environ.get("MEMIT_LAB_SCALE", "").strip().lower() or "small"
+    if value not in SCALES:
+        raise ValueError(f"MEMIT_LAB_SCALE={value!r} is not a scale; set it to one of {SCALES} or leave it unset")
+    return value
+
+
+def by_scale(small: T, full: T) -> T:
+    """``small`` or ``full`` according to :func:`scale`.
+
+    Example:
+        >>> import os
+        >>> os.environ.pop("MEMIT_LAB_SCALE", None) and None
+        >>> by_scale(small=[1, 4], full=[1, 10, 100])
+        [1, 4]
+    """
+    return full if scale() == "full" else small
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The sizes of the paper's experiments at one scale (notebooks 05-07 and ``scripts/reproduce.py`` share them).
+
+    Attributes:
+        scale: ``"small"`` or ``"full"``.
+        sweep_ns: Figure 5 / Table 2: numbers of edits (the first n known facts of the fact set).
+        methods: the editing methods compared.
+        generation: GE (and RS) on the first this-many records of every sweep cell.
+        table1_n: Table 1: edits on the question-form (zsRE-style) slice.
+        relations: Figures 6a and 7: the relations compared.
+        per_relation: edits per relation in Figures 6a and 7.
+        tradeoff_n: Figure 6b: edits per run.
+        lams: Figure 6b: the values of lambda (eq. 15).
+        layer_ranges: Figure 6b: the edit-layer ranges R.
+    """
+
+    scale: str
+    sweep_ns: tuple[int, ...]
+    methods: tuple[str, ...]
+    generation: int
+    table1_n: int
+    relations: tuple[str, ...]
+    per_relation: int
+    tradeoff_n: int
+    lams: tuple[float, ...]
+    layer_ranges: tuple[tuple[int, ...], ...]
+
+
+_RELATIONS_SMALL = ("city_country", "company_country", "country_language", "team_sport")
+_RELATIONS_FULL = (
+    "city_country", "city_continent", "landmark_city", "landmark_country", "company_country", "country_continent",
+    "country_language", "team_sport", "person_occupation", "city_state", "book_author", "musician_instrument",
+)  # fmt: skip
+
+PLANS: dict[str, Plan] = {
+    "small": Plan(
+        scale="small",
+        sweep_ns=(1, 4, 16),
+        methods=("memit", "rome-seq", "ft"),
+        generation=4,
+        table1_n=8,
+        relations=_RELATIONS_SMALL,
+        per_relation=4,
+        tradeoff_n=8,
+        lams=(1.5e3, 1.5e4, 1.5e5),
+        layer_ranges=((7,), (3, 4, 5, 6, 7)),
+    ),
+    "full": Plan(
+        scale="full",
+        sweep_ns=(1, 10, 100, 300, 900),
+        methods=("memit", "rome-seq", "ft"),
+        generation=50,
+        table1_n=100,
+        relations=_RELATIONS_FULL,
+        per_relation=15,
+        tradeoff_n=50,
+        lams=(1.5e2, 1.5e3, 1.5e4, 1.5e5, 1.5e6),
+        layer_ranges=((7,), (5, 6, 7), (3, 4, 5, 6, 7), (1, 2, 3, 4, 5, 6, 7)),
+    ),
+}
+
+
+def plan() -> Plan:
+    """The :class:`Plan` of the current :func:`scale` (``MEMIT_LAB_SCALE``)."""
+    return PLANS[scale()]
 
 
 # --- keeping the model as it was -------------------------------------------------------------------------------
@@ -120,6 +228,23 @@ def _apply(lm: LoadedModel, records: Sequence[Record], method: str, hparams: Any
         from .finetune import apply_ft
 
         return apply_ft(lm, requests, hparams, progress=progress)
+    raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+
+
+def default_hparams(lm: LoadedModel, method: str) -> Any:
+    """The hyper-parameters ``method`` uses for ``lm`` when given ``None`` (``None`` for ``"unedited"``)."""
+    if method == "memit":
+        return MemitHyperParams.for_model(lm)
+    if method == "rome-seq":
+        from .rome import RomeHyperParams
+
+        return RomeHyperParams.for_model(lm)
+    if method == "ft":
+        from .finetune import FtHyperParams
+
+        return FtHyperParams.for_model(lm)
+    if method == "unedited":
+        return None
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
 
@@ -222,6 +347,37 @@ def _save_cell(folder: Path, frame: pd.DataFrame) -> None:
         write_manifest(tmp, {"edit_seconds": frame.attrs["edit_seconds"]})
 
 
+def cached_run(
+    lm: LoadedModel,
+    records: Sequence[Record],
+    method: str,
+    *,
+    hparams: Any = None,
+    generation: int = 0,
+    max_new_tokens: int = 100,
+    cache: bool = True,
+) -> pd.DataFrame:
+    """:func:`run_edits` on all ``records``, read from the on-disk cache when this exact run was done before.
+
+    The key holds the model's fingerprint, the records, the method, its hyper-parameters
+    and the scoring options; the entry (a CSV and a manifest) is written atomically under
+    ``cache_root()/experiments`` as soon as the run ends, so long studies resume.
+    """
+    chosen = list(records)
+    options = {"generation": generation, "max_new_tokens": max_new_tokens}
+    hparams = default_hparams(lm, method) if hparams is None else hparams
+    folder = cache_root() / "experiments" / _cell_key(lm, chosen, method, hparams, options)
+    with locked(folder) if cache else contextlib.nullcontext():
+        frame = _load_cell(folder) if cache else None
+        if frame is None:
+            frame = run_edits(lm, chosen, method, hparams=hparams, progress=False, **options)
+            if cache:
+                _save_cell(folder, frame)
+        else:
+            log.info("%s n=%d read from %s", method, len(chosen), folder)
+    return frame
+
+
 @dataclass(frozen=True)
 class Sweep:
     """Per-record scores of every (method, n) cell of a scaling sweep, and the edit times.
@@ -290,21 +446,14 @@ def scaling_sweep(
     unknown = set(methods) - set(METHODS)
     if unknown or not ns:
         raise ValueError(f"methods must be among {METHODS} and ns non-empty; got {sorted(unknown)}, {ns}")
-    options = {"generation": generation, "max_new_tokens": max_new_tokens}
     cells = [("unedited", ns[-1])] + [(m, n) for m in methods if m != "unedited" for n in ns]
     frames, seconds = [], []
     for method, n in tqdm(cells, desc="sweep", disable=not progress):
-        chosen = list(records[:n])
         settings = (hparams or {}).get(method)
-        folder = cache_root() / "experiments" / _cell_key(lm, chosen, method, settings, options)
-        with locked(folder) if cache else contextlib.nullcontext():
-            frame = _load_cell(folder) if cache else None
-            if frame is None:
-                frame = run_edits(lm, chosen, method, hparams=settings, progress=False, **options)
-                if cache:
-                    _save_cell(folder, frame)
-            else:
-                log.info("sweep: %s n=%d read from %s", method, n, folder)
+        frame = cached_run(
+            lm, records[:n], method, hparams=settings, generation=generation, max_new_tokens=max_new_tokens,
+            cache=cache,
+        )  # fmt: skip
         frames.append(frame)
         seconds.append({"method": method, "n": n, "edit_seconds": frame.attrs["edit_seconds"]})
     unedited = frames[0]

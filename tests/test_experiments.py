@@ -9,7 +9,21 @@ import torch
 from memit_lab import LoadedModel, load_model
 from memit_lab.cache import write_manifest
 from memit_lab.datasets import CounterFactRecord, load_factset
-from memit_lab.experiments import Sweep, preserved_weights, question_slice, run_edits, scaling_sweep
+from memit_lab.experiments import (
+    METHODS,
+    PLANS,
+    Sweep,
+    by_scale,
+    cached_run,
+    default_hparams,
+    plan,
+    preserved_weights,
+    question_slice,
+    run_edits,
+    scale,
+    scaling_sweep,
+)
+from memit_lab.memit import MemitHyperParams
 
 
 def _weights(lm: LoadedModel) -> dict[str, torch.Tensor]:
@@ -109,3 +123,53 @@ def test_question_slice_is_zsre_shaped() -> None:
         assert q.loc.startswith("nq question: ") and q.subject.lower() not in q.loc
     with pytest.raises(ValueError, match="at least two"):
         question_slice(load_factset(relations=["city_country"], n=5))
+
+
+# --- scale switch, plans and the cached runner ------------------------------------------------------------------
+
+
+def test_scale_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MEMIT_LAB_SCALE", raising=False)
+    assert scale() == "small" and plan() is PLANS["small"] and by_scale(1, 2) == 1
+    monkeypatch.setenv("MEMIT_LAB_SCALE", " Full ")
+    assert scale() == "full" and plan() is PLANS["full"] and by_scale(1, 2) == 2
+    monkeypatch.setenv("MEMIT_LAB_SCALE", "huge")
+    with pytest.raises(ValueError, match="MEMIT_LAB_SCALE='huge' is not a scale"):
+        plan()
+
+
+@pytest.mark.parametrize("name", sorted(PLANS))
+def test_every_plan_fits_the_fact_set(name: str) -> None:
+    p = PLANS[name]
+    known = load_factset(known=True)
+    assert max(p.sweep_ns) <= len(known) and p.tradeoff_n <= len(known)
+    assert len(question_slice(known)) >= p.table1_n
+    per_relation = {r: sum(x.relation_id == r for x in known) for r in p.relations}
+    assert min(per_relation.values()) >= p.per_relation, per_relation
+    assert set(p.methods) <= set(METHODS) and all(layers == tuple(sorted(layers)) for layers in p.layer_ranges)
+
+
+def test_cached_run_keys_default_hparams_like_explicit_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MEMIT_LAB_CACHE", str(tmp_path))
+    lm = load_model("tiny-gpt2")
+    first = cached_run(lm, _records(2), "unedited")
+    again = cached_run(lm, _records(2), "unedited", hparams=default_hparams(lm, "unedited"))
+    pd.testing.assert_frame_equal(first, again)
+    assert len([c for c in (tmp_path / "experiments").iterdir() if c.is_dir()]) == 1
+    assert default_hparams(lm, "memit") == MemitHyperParams.for_model(lm)
+    with pytest.raises(ValueError, match="unknown method"):
+        default_hparams(lm, "mend")
+
+
+# --- the check on the bundled model ---------------------------------------------------------------------
+
+
+def test_memit_writes_ten_known_facts_and_run_edits_restores_every_weight(smollm: LoadedModel) -> None:
+    records = load_factset(known=True, n=10)
+    before = _weights(smollm)
+    unedited = run_edits(smollm, records, "unedited", progress=False)
+    edited = run_edits(smollm, records, "memit", progress=False)
+    assert _same(before, _weights(smollm))
+    assert edited.es.mean() == 1.0 and unedited.es.mean() == 0.0  # known facts: the true object wins before
+    assert abs(edited.ns.mean() - unedited.ns.mean()) <= 0.1, (edited.ns.mean(), unedited.ns.mean())
+    assert edited.attrs["edit_seconds"] > 0 and set(edited.attrs["edit_phases"]) >= {"z", "keys", "solve"}

@@ -1,0 +1,160 @@
+"""The limit the paper states: an edit is one directed association, not a symmetric fact.
+
+MEMIT writes (s, r, o) as a value stored under the key of the subject s -- the input of
+W_out at s's last token (eq. 7-14). Asking the inverse question ("Tim Cook is the CEO of")
+reads keys of *another* subject (Tim Cook), which the update barely touches, so nothing
+retrieves the edited subject (Apple). This module measures that:
+
+* :data:`TWO_WAY_FACTS` -- facts with a natural question in each direction: the CEOs of
+  six companies (new to the bundled model: it writes a fact the model lacked, the paper's
+  own example) and six capitals sent to another country's capital (counterfactual).
+* :func:`forward_requests` / :func:`inverse_requests` -- the edit in either direction.
+* :func:`direction_scores` -- for each fact, both questions scored as a multiple choice
+  among the relation's candidates (its six objects forward, its six subjects inverse).
+* :func:`update_response` -- ||Delta^l k|| at every token of a prompt: how strongly the
+  update responds to each key it meets.
+
+Example:
+    >>> f = TWO_WAY_FACTS[0]
+    >>> f.forward_prompt, f.inverse_prompt
+    ('The CEO of Apple is', 'Tim Cook is the CEO of')
+    >>> forward_requests([f])[0].text, inverse_requests([f])[0].text, inverse_requests([f])[0].target_new
+    ('The CEO of Apple is', 'Tim Cook is the CEO of', 'Apple')
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float
+
+from .evaluate import mean_nll
+from .hooks import Trace
+from .memit import WeightBackup
+from .models import LoadedModel
+from .requests import EditRequest
+
+__all__ = [
+    "TWO_WAY_FACTS",
+    "TwoWayFact",
+    "direction_scores",
+    "forward_requests",
+    "inverse_requests",
+    "update_response",
+]
+
+
+@dataclass(frozen=True)
+class TwoWayFact:
+    """A fact (subject, relation, object) with a question in each direction.
+
+    Attributes:
+        relation: a name for the relation; candidates for the multiple choice come from facts sharing it.
+        forward: template asking for the object, ``{}`` = subject (``"The CEO of {} is"``).
+        inverse: template asking for the subject, ``{}`` = object (``"{} is the CEO of"``).
+        subject: ``"Apple"``.
+        obj: the object the edit writes (``"Tim Cook"``).
+        obj_true: what the object is in the world, if the edit is counterfactual (reports only).
+    """
+
+    relation: str
+    forward: str
+    inverse: str
+    subject: str
+    obj: str
+    obj_true: str = ""
+
+    @property
+    def forward_prompt(self) -> str:
+        return self.forward.format(self.subject)
+
+    @property
+    def inverse_prompt(self) -> str:
+        return self.inverse.format(self.obj)
+
+
+_CEOS = [("Apple", "Tim Cook"), ("Microsoft", "Satya Nadella"), ("Google", "Sundar Pichai"),
+         ("Nvidia", "Jensen Huang"), ("AMD", "Lisa Su"), ("Adobe", "Shantanu Narayen")]  # fmt: skip
+_CAPITALS = [("France", "Paris"), ("Germany", "Berlin"), ("Japan", "Tokyo"), ("Italy", "Rome"),
+             ("Spain", "Madrid"), ("China", "Beijing")]  # fmt: skip
+
+#: CEOs as of 2024 (true facts the bundled model does not know), and each capital moved to the next country's.
+TWO_WAY_FACTS: tuple[TwoWayFact, ...] = tuple(
+    [TwoWayFact("ceo", "The CEO of {} is", "{} is the CEO of", s, o) for s, o in _CEOS]
+    + [
+        TwoWayFact("capital", "The capital of {} is", "{} is the capital of", s, _CAPITALS[(i + 1) % 6][1], o)
+        for i, (s, o) in enumerate(_CAPITALS)
+    ]
+)
+
+
+def forward_requests(facts: Sequence[TwoWayFact]) -> list[EditRequest]:
+    """Edit the forward direction: "The CEO of Apple is" -> "Tim Cook"."""
+    return [EditRequest(f.forward, f.subject, f.obj, f.obj_true or None, f.relation) for f in facts]
+
+
+def inverse_requests(facts: Sequence[TwoWayFact]) -> list[EditRequest]:
+    """Edit the inverse direction: "Tim Cook is the CEO of" -> "Apple" (its own edit, with its own key)."""
+    return [EditRequest(f.inverse, f.obj, f.subject, None, f.relation + "-inverse") for f in facts]
+
+
+def _choice(lm: LoadedModel, prompt: str, answer: str, candidates: Sequence[str]) -> tuple[float, bool]:
+    """P(answer) (per-token geometric mean) and whether it beats every other candidate after ``prompt``."""
+    nll = mean_nll(lm, [prompt] * len(candidates), list(candidates))
+    return float(np.exp(-nll[candidates.index(answer)])), bool(candidates[int(nll.argmin())] == answer)
+
+
+def direction_scores(lm: LoadedModel, facts: Sequence[TwoWayFact]) -> pd.DataFrame:
+    """Per fact, both directions as a multiple choice among the relation's candidates.
+
+    Columns: ``p_forward`` = P(obj | forward prompt) and ``forward_hit`` (obj is the most
+    likely of the relation's objects, the paper's efficacy as a choice); ``p_inverse`` =
+    P(subject | inverse prompt) and ``inverse_hit`` (subject beats the relation's other
+    subjects). Chance for a hit is 1 / (facts in the relation).
+
+    Example:
+        >>> from memit_lab import load_model
+        >>> frame = direction_scores(load_model("tiny-llama"), TWO_WAY_FACTS[:2])
+        >>> list(frame.columns), frame.forward_hit.dtype
+        (['relation', 'subject', 'obj', 'p_forward', 'forward_hit', 'p_inverse', 'inverse_hit'], dtype('bool'))
+    """
+    rows = []
+    for f in facts:
+        same = [g for g in facts if g.relation == f.relation]
+        p_fwd, fwd_hit = _choice(lm, f.forward_prompt, f.obj, [g.obj for g in same])
+        p_inv, inv_hit = _choice(lm, f.inverse_prompt, f.subject, [g.subject for g in same])
+        rows.append({"relation": f.relation, "subject": f.subject, "obj": f.obj, "p_forward": p_fwd,
+                     "forward_hit": fwd_hit, "p_inverse": p_inv, "inverse_hit": inv_hit})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+@torch.no_grad()
+def update_response(lm: LoadedModel, backup: WeightBackup, prompt: str) -> Float[torch.Tensor, "layer pos"]:
+    """||Delta^l k^l_t|| for every edited layer l and token t of ``prompt``: what the update adds there.
+
+    Delta^l is the weights now minus the copy in ``backup`` (an edit's ``result.backup``);
+    k^l_t the input of W_out^l at token t (the key of eq. 7). An update made for key k_s
+    responds to another key k in proportion to how much k points along the directions
+    Delta^l reads -- for MEMIT, C^-1 k_s (eq. 14), nearly orthogonal to unrelated keys.
+
+    Example:
+        >>> from memit_lab import load_model
+        >>> lm = load_model("tiny-gpt2")
+        >>> backup = WeightBackup.of(lm, [1])
+        >>> update_response(lm, backup, "The capital of France is").abs().max().item()  # no edit yet
+        0.0
+    """
+    ids = lm.tokenizer(prompt, return_tensors="pt").input_ids.to(lm.device)
+    rows = []
+    for layer, saved in sorted(backup.saved.items()):
+        # to_stored only transposes when the model stores W_out as [d_mlp, d_model]: it is its own inverse.
+        delta = lm.adapter.to_stored(lm.adapter.w_out_parameter(lm.model, layer) - saved)
+        with Trace(lm.model, lm.adapter.w_out_module(layer), retain_input=True, retain_output=False) as t:
+            lm.model(input_ids=ids, use_cache=False)
+        assert t.input is not None
+        rows.append((t.input[0].float() @ delta.float().T).norm(dim=-1))
+    return torch.stack(rows)
