@@ -14,15 +14,20 @@
 
 # %% setup
 import pandas as pd
-import seaborn as sns
 import torch
 from IPython.display import display
 from jaxtyping import Float
 
 from memit_lab import LoadedModel, Trace, load_model
-from memit_lab.checks import check_corrupt_subject, check_restored_probability, check_strongest_subject_token
+from memit_lab.checks import (
+    check_corrupt_subject,
+    check_restored_probability,
+    check_strongest_subject_token,
+    has_passed,
+)
 from memit_lab.facts import KNOWN_FACTS
 from memit_lab.prompts import subject_token_span
+from memit_lab.tracing import embedding_noise, trace
 
 torch.manual_seed(0)
 torch.set_num_threads(2)
@@ -61,12 +66,34 @@ def corrupt_subject(
 check_corrupt_subject(corrupt_subject)
 
 # %% [markdown]
+# ### Reading and writing hidden states
+#
+# A `Trace` on a module keeps its output from a forward pass (`.output`), and with `edit_output=f` replaces that
+# output by `f(output, module_name)` on the way. The output of block $l$ is the hidden state $h^{l+1}$ at every
+# token, `[batch, pos, d_model]`; the subject's tokens are `subject_token_span(...)`:
+
+# %%
+lm = load_model("smollm2-135m")
+fact = KNOWN_FACTS[0]
+enc = lm.tokenizer(fact.prompt, return_tensors="pt")
+tokens = [lm.tokenizer.decode([i]) for i in enc.input_ids[0]]
+span = subject_token_span(lm.tokenizer, fact.prompt, fact.subject)
+with torch.no_grad(), Trace(lm.model, lm.adapter.block(4)) as clean:
+    lm.model(**enc)
+print("tokens:", tokens)
+print("subject tokens", span, "->", tokens[span[0] : span[1]])
+print("block 4's output h^5:", tuple(clean.output.shape), " its norm at the last subject token:",
+      round(float(clean.output[0, span[1] - 1].norm()), 2))  # fmt: skip
+
+# %% [markdown]
 # ### Exercise 2.2 — one restoration
 #
 # Return $P(\text{target\_id})$ at the last token of the corrupted run in which the output of block `layer` at
 # position `pos` is restored to its clean value. Two `Trace`s do it: one with `edit_output` on
 # `lm.adapter.embed` (the embedding module's output is `[1, pos, d_model]`) that applies your `corrupt_subject`, one
 # with `edit_output` on `lm.adapter.block(layer)` that writes the clean state back (read it first in a clean run).
+# The check hands your function exactly the noise that `memit_lab.tracing` draws and compares your answer with its
+# trace.
 
 
 # %% solution
@@ -110,52 +137,45 @@ check_restored_probability(restored_probability)
 # %% [markdown]
 # ## 2. The heatmap
 #
-# Restoring every (layer, token) cell gives ROME's figure 1. The cell below computes it with your
-# `restored_probability` for *"The Eiffel Tower is located in the city of"*, every fourth layer and one noise sample
-# (ROME averages ten), once your functions pass their checks (in the student version it waits for them).
+# Restoring every (layer, token) cell gives ROME's figure 1. `memit_lab.tracing.trace` computes the whole grid at once
+# (it reuses the corrupted run's states below and before each restored cell) and averages several noise draws; here
+# three, for *"The Eiffel Tower is located in the city of"*:
 
 # %%
-ready = all(
-    check(function, pending_ok=True).passed
-    for check, function in [
-        (check_corrupt_subject, corrupt_subject),
-        (check_restored_probability, restored_probability),
-    ]
-)
-print("your functions are ready:", ready)
-
-# %%
-lm = load_model("smollm2-135m")
-fact = KNOWN_FACTS[0]
-enc = lm.tokenizer(fact.prompt)
-tokens = [lm.tokenizer.decode([i]) for i in enc.input_ids]
-span = subject_token_span(lm.tokenizer, fact.prompt, fact.subject)
-embedding = lm.model.get_submodule(lm.adapter.embed).weight
-nu = 3 * float(embedding.std())
-noise = nu * torch.randn(span[1] - span[0], lm.d_model, generator=torch.Generator().manual_seed(1))
-target_id = lm.tokenizer(" " + fact.target).input_ids[0]
-layers = list(range(0, lm.n_layers, 4))
-print("subject tokens:", tokens[span[0] : span[1]], " noise scale nu =", round(nu, 4))
-
-if ready:
-    grid = torch.tensor(
-        [
-            [
-                restored_probability(lm, fact.prompt, fact.subject, target_id, layer, i, noise)
-                for i in range(len(tokens))
-            ]
-            for layer in layers
-        ]
-    )
-    corrupted = restored_probability(lm, fact.prompt, fact.subject, target_id, 0, 0, noise)  # restoring pos 0 = none
-    print("P(' Paris'): clean", round(fact.p_true, 3), " corrupted", round(corrupted, 3))
-    frame = pd.DataFrame(grid.numpy(), index=layers, columns=[f"{i}:{t!r}" for i, t in enumerate(tokens)])
-    ax = sns.heatmap(frame.iloc[::-1], cmap="Purples", vmin=0, vmax=1, cbar_kws={"label": "P(' Paris') restored"})
-    ax.set(xlabel="restored token", ylabel="restored block output", title="Restoring one hidden state")
-    display(frame.round(2))
+result = trace(lm, fact.prompt, fact.subject, fact.target, samples=3, seed=0)
+print(f"P({result.target!r}): clean {result.clean_prob:.3f}, corrupted {result.corrupted_prob:.3f}")
+fig = result.plot()
+display(result.peaks(3).round(3))
 
 # %% [markdown]
-# Two regions stand out in ROME's figure 1 and, on this model, in the table above: **early layers at the subject's
+# Once your two functions pass their checks, the next cell recomputes one column of this map with your
+# `restored_probability`: the subject token `'iffel'`, the brightest of the subject's tokens above, every third layer,
+# with one noise draw of the same scale. One draw is noisier than the average of three, but the shape should agree:
+# high in the early layers, low in the late ones (by then the fact has moved on to the last token).
+
+# %%
+ready = has_passed(check_corrupt_subject, corrupt_subject) and has_passed(
+    check_restored_probability, restored_probability
+)
+print("your functions passed their checks:", ready)
+if ready:
+    noise = embedding_noise(lm) * torch.randn(span[1] - span[0], lm.d_model, generator=torch.Generator().manual_seed(1))
+    column = span[0] + 1
+    layers = list(range(0, lm.n_layers, 3))
+    table = pd.DataFrame(
+        {
+            "layer": layers,
+            "yours (1 draw)": [
+                restored_probability(lm, fact.prompt, fact.subject, result.target_id, layer, column, noise)
+                for layer in layers
+            ],
+            "memit_lab (3 draws)": result.scores[layers, column].numpy(),
+        }
+    )
+    display(table.set_index("layer").T.round(2))
+
+# %% [markdown]
+# Two regions stand out in ROME's figure 1 and, on this model, in the map above: **early layers at the subject's
 # tokens** (the model has not yet moved the subject's information elsewhere) and **late layers at the last token**
 # (the answer has been moved there). Restoring only the MLP outputs instead of whole hidden states (ROME's figure 1,
 # middle) narrows the first region down to the MLPs of early-middle layers: MEMIT's edit range.
@@ -178,10 +198,15 @@ def strongest_subject_token(scores: Float[torch.Tensor, "layer pos"], span: tupl
 # %% check points=1
 check_strongest_subject_token(strongest_subject_token)
 
+# %%
+if has_passed(check_strongest_subject_token, strongest_subject_token):
+    best = strongest_subject_token(result.scores, result.subject_span)
+    print(f"in the map above, the subject token that carries the most: {best} {result.tokens[best]!r}")
+
 # %% [markdown]
 # ## Questions to think about
 #
-# 1. Restoring a token *before* the subject never helps (check it in the table). Why, in a model with causal
+# 1. Restoring a token *before* the subject never helps (check it in the map). Why, in a model with causal
 #    attention?
 # 2. On this model the decisive subject token of "The Eiffel Tower" may not be its last one (" Tower"). MEMIT still
 #    writes at the last subject token. Why can that work? (Hint: what do early attention layers do with the subject's

@@ -22,7 +22,13 @@ from jaxtyping import Float
 from transformers import PreTrainedTokenizerBase
 
 from memit_lab import LoadedModel, Trace, load_model
-from memit_lab.checks import check_average_key, check_edit_position, check_layer_update, check_nll_with_delta
+from memit_lab.checks import (
+    check_average_key,
+    check_edit_position,
+    check_layer_update,
+    check_nll_with_delta,
+    has_passed,
+)
 from memit_lab.prompts import continuation, subject_token_span, target_scores
 from memit_lab.stats import key_second_moment
 
@@ -89,20 +95,36 @@ check_edit_position(edit_position)
 # right after the prompt. The paper's code adds a KL term that keeps *"{subject} is a"* predictions unchanged, weight
 # decay, and a bound on $\lVert\delta\rVert$; we leave them out here.
 #
+# The loss scores the new object as a continuation of each prompt, teacher-forced: the model reads the prompt and the
+# object's tokens, and the logit at position $t-1$ gives the probability of token $t$.
+
+# %%
+text = continuation(prompt, "Rome")
+ids = lm.tokenizer(text).input_ids
+n_prompt = len(lm.tokenizer(prompt).input_ids)
+print(repr(text))
+print("the object's tokens:", [lm.tokenizer.decode([i]) for i in ids[n_prompt:]], "at positions", n_prompt, "to",
+      len(ids) - 1)  # fmt: skip
+
+# %% [markdown]
 # ### Exercise 4.2 — the loss of eq. 16
 #
 # Return the loss as a one-element tensor that autograd can differentiate with respect to `delta`. Add `delta` to the
 # output of block `layer` (`lm.adapter.block(layer)`) at the subject's last token of every prompt: a `Trace` with
 # `edit_output=...` and `detach=False` does that. Score the target as a continuation of each prompt:
-# `memit_lab.prompts.continuation(prompt, target)` is the text to run, and every token of the target counts
-# (the logit that predicts token $t$ sits at position $t-1$). Pad the batch on the right (the tokenizer does).
+# `memit_lab.prompts.continuation(prompt, target)` is the text to run, and every token of the target counts (the logit
+# that predicts token $t$ sits at position $t-1$). As in the paper's code, $\log P[o \mid \cdot]$ is *averaged* over
+# the target's tokens, so that a long object does not outweigh a short one. Pad the batch on the right (the tokenizer
+# does). The check compares your loss with `memit_lab.zopt.optimise_z`'s (without its extra terms) at $\delta = 0$
+# and after the optimiser's first Adam step.
 
 
 # %% solution
 def nll_with_delta(
     lm: LoadedModel, prompts: list[str], subject: str, target: str, layer: int, delta: Float[torch.Tensor, " d_model"]
 ) -> Float[torch.Tensor, ""]:
-    """-(1/N) sum_j log P(target | prompts[j]) with delta added to block `layer`'s output at the subject (eq. 16)."""
+    """-(1/N) sum_j log P(target | prompts[j]), per target token, with delta added to block `layer`'s output at the
+    subject's last token (eq. 16)."""
     ### BEGIN SOLUTION
     texts = [continuation(p, target) for p in prompts]
     enc = lm.tokenizer(texts, return_tensors="pt", padding=True)
@@ -120,7 +142,7 @@ def nll_with_delta(
     for j, p in enumerate(prompts):
         start, stop = len(lm.tokenizer(p).input_ids), int(enc.attention_mask[j].sum())
         ids = enc.input_ids[j, start:stop]
-        losses.append(-logprobs[j, start - 1 : stop - 1].gather(-1, ids[:, None]).sum())
+        losses.append(-logprobs[j, start - 1 : stop - 1].gather(-1, ids[:, None]).mean())
     return torch.stack(losses).mean()
     ### END SOLUTION
 
@@ -145,7 +167,8 @@ def average_key(lm: LoadedModel, layer: int, prompts: list[str], subject: str) -
     ### BEGIN SOLUTION
     keys = []
     for p in prompts:
-        with torch.no_grad(), Trace(lm.model, lm.adapter.w_out_module(layer), retain_input=True) as trace:
+        # stop=True ends the forward pass once W_out^layer has run: the later layers are not needed
+        with torch.no_grad(), Trace(lm.model, lm.adapter.w_out_module(layer), retain_input=True, stop=True) as trace:
             lm.model(**lm.tokenizer(p, return_tensors="pt"))
         keys.append(trace.input[0, edit_position(lm.tokenizer, p, subject)])
     return torch.stack(keys).mean(0)
@@ -198,14 +221,15 @@ check_layer_update(layer_update)
 # $\mathbb{E}[k k^\top]$ from 4,096 tokens of the package's corpus. The cell below runs only once your four functions
 # pass their checks (in the student version it waits for them); it then
 #
-# 1. optimises $\delta_i$ with Adam on your `nll_with_delta` (eq. 16) and sets $z_i = h_i^L + \delta_i$;
+# 1. optimises $\delta_i$ with Adam on your `nll_with_delta` (eq. 16; at most 12 steps, stopping once the loss is
+#    below 0.05 as the paper's code does) and sets $z_i = h_i^L + \delta_i$;
 # 2. for $l = 3, 4, 5$: reads the keys with your `average_key`, recomputes $h_i^L$, and adds your `layer_update`
 #    to $W_{out}^l$;
 # 3. measures the new and the old objects' probabilities, then restores the weights.
 
 # %%
 ready = all(
-    check(function, pending_ok=True).passed
+    has_passed(check, function)
     for check, function in [
         (check_edit_position, edit_position),
         (check_nll_with_delta, nll_with_delta),
@@ -213,10 +237,10 @@ ready = all(
         (check_layer_update, layer_update),
     ]
 )
-print("your functions are ready:", ready)
+print("your functions passed their checks:", ready)
 
 # %%
-layers, lam, steps = [3, 4, 5], 15_000.0, 20
+layers, lam, max_steps, stop_loss = [3, 4, 5], 15_000.0, 12, 0.05
 top = max(layers)
 contexts = ["", "I read this in a book. ", "Here is a fact. "]
 requests = [
@@ -233,7 +257,7 @@ def top_state(template: str, subject: str) -> torch.Tensor:
     """h^L: block L's output at the subject's last token, averaged over the prompts."""
     states = []
     for p in prompts_of(template, subject):
-        with torch.no_grad(), Trace(lm.model, lm.adapter.block(top)) as trace:
+        with torch.no_grad(), Trace(lm.model, lm.adapter.block(top), stop=True) as trace:
             lm.model(**lm.tokenizer(p, return_tensors="pt"))
         states.append(trace.output[0, edit_position(lm.tokenizer, p, subject)])
     return torch.stack(states).mean(0)
@@ -249,18 +273,23 @@ def probabilities() -> pd.DataFrame:
 if ready:
     before = probabilities()
     moments = key_second_moment(lm, layers, n_tokens=4096, progress=False)
-    z, losses = [], []
+    z, curves = [], []
     for template, subject, new, _ in requests:
         delta = torch.zeros(lm.d_model, requires_grad=True)
         optimiser = torch.optim.Adam([delta], lr=0.5)
-        for _ in range(steps):
+        curve = []
+        for _ in range(max_steps):
             optimiser.zero_grad()
             loss = nll_with_delta(lm, prompts_of(template, subject), subject, new, top, delta)
+            curve.append(round(float(loss.detach()), 2))
+            if loss < stop_loss:
+                break
             loss.backward()
             optimiser.step()
-        losses.append(round(float(loss), 2))
+        curves.append(curve)
         z.append(top_state(template, subject) + delta.detach())
-    print("eq. 16 loss after", steps, "Adam steps:", losses)
+    for (_, subject, new, _), curve in zip(requests, curves, strict=True):
+        print(f"eq. 16 loss for {subject} -> {new}, one value per Adam step: {curve}")
 
     originals = {layer: lm.adapter.w_out_weight(lm.model, layer).detach().clone() for layer in layers}
     report = []
