@@ -17,26 +17,36 @@ requests made from the bundled fact set, with z / keys / solve times separately 
 peak memory (resident set of this process, ru_maxrss). Goal: 1,000 edits <= 15 min,
 peak <= 4 GB.
 
-Usage: .venv/bin/python bench/memit.py [--n-z 32] [--n-edits 100 1000] [--skip-reference]
+Part 3: edit quality at --quality-at edits (100 by default): ES / PS / NS of the paper's CounterFact scoring on
+memit_lab's fact set, edited and unedited. Goals: ES >= 95, PS >= 80, NS within 5 points of the unedited model.
+
+Usage: .venv/bin/python bench/memit.py [--n-z 32] [--n-edits 100 1000] [--quality-at 100] [--skip-reference]
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import resource
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from memit_lab import load_model
+from memit_lab.datasets import load_factset
+from memit_lab.evaluate import counterfact_scores, counterfact_summary
+from memit_lab.experiments import edit_request
 from memit_lab.hooks import Trace
+from memit_lab.memit import MemitHyperParams, apply_memit
 from memit_lab.models import LoadedModel
 from memit_lab.requests import EditRequest
 from memit_lab.zopt import ZParams, context_templates, optimise_z, tokenise_prompt
 
 
 def peak_gb() -> float:
+    """Peak resident memory of this process so far (Linux: ru_maxrss in kB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
@@ -123,3 +133,77 @@ def compare_z(lm: LoadedModel, requests: Sequence[EditRequest], layer: int, para
     print(f"ratio: {t_ref / t_new:.1f}x (goal >= 5x)")
     print(f"max |final loss difference|: {max(abs(a - b) for a, b in zip(loss_ref, loss_new, strict=True)):.2e}")
     print(f"max |z difference|: {(z_ref - res.z).abs().max().item():.2e} (max |z| {res.z.abs().max().item():.1f})")
+
+
+# --- part 2: MEMIT end to end, in a fresh process per size (so the peak memory is its own) ----------------------
+
+
+def _end_to_end(n: int, quality: bool, queue: Any) -> None:
+    """Child process: edit ``n`` fact-set records with apply_memit; send back phases, peak memory and scores."""
+    torch.set_num_threads(2)
+    lm = load_model("smollm2-135m")
+    records = load_factset(n=n)
+    if len(records) < n:
+        queue.put({"n": n, "error": f"the fact set has only {len(records)} records"})
+        return
+    requests = [edit_request(r) for r in records]
+    base = peak_gb()
+    start = time.perf_counter()
+    result = apply_memit(lm, requests, progress=False)
+    total = time.perf_counter() - start
+    out: dict[str, Any] = {"n": n, "total": total, "phases": result.seconds, "peak_gb": peak_gb(), "load_gb": base}
+    if quality:
+        out["edited"] = counterfact_summary(counterfact_scores(lm, records, progress=False)).to_dict()
+        result.restore()
+        out["unedited"] = counterfact_summary(counterfact_scores(lm, records, progress=False)).to_dict()
+    queue.put(out)
+
+
+def end_to_end(n: int, quality: bool) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_end_to_end, args=(n, quality, queue))
+    child.start()
+    out = queue.get()
+    child.join()
+    if "error" in out:
+        print(f"{n} edits: skipped ({out['error']})")
+        return
+    phases = ", ".join(f"{k} {v:.1f} s" for k, v in out["phases"].items())
+    print(f"{n} edits end to end: {out['total']:.1f} s ({out['total'] / n:.2f} s/edit; {phases})")
+    print(f"   peak memory (max RSS of its process): {out['peak_gb']:.2f} GB (after loading: {out['load_gb']:.2f} GB)")
+    if quality:
+        cols = ["S", "ES", "PS", "NS"]
+        print(f"   quality at {n} edits (CounterFact %):")
+        for name in ("unedited", "edited"):
+            print(f"     {name:9} " + "  ".join(f"{c} {out[name][c]:5.1f}" for c in cols))
+        ns_gap = out["edited"]["NS"] - out["unedited"]["NS"]
+        print(
+            f"   goals: ES >= 95: {out['edited']['ES']:.1f}; PS >= 80: {out['edited']['PS']:.1f}; "
+            f"NS within 5 of unedited: {ns_gap:+.1f}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--n-z", type=int, default=32, help="requests for the z comparison")
+    parser.add_argument("--n-edits", type=int, nargs="*", default=[100, 1000], help="sizes for end-to-end runs")
+    parser.add_argument("--quality-at", type=int, default=100, help="score edit quality at this size (0: never)")
+    parser.add_argument("--skip-reference", action="store_true", help="skip part 1 (the z comparison)")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; times include any other load on the machine")
+    if not args.skip_reference:
+        lm = load_model("smollm2-135m")
+        hp = MemitHyperParams.for_model(lm)
+        requests = [edit_request(r) for r in load_factset(n=args.n_z)]
+        print(f"\n== part 1: z optimisation (eq. 16) at layer {hp.layers[-1]}, {hp.z}")
+        compare_z(lm, requests, hp.layers[-1], hp.z)
+        del lm
+    for n in args.n_edits:
+        print(f"\n== part 2: apply_memit, {n} edits (bundled fact set, default hyper-parameters)")
+        end_to_end(n, quality=n == args.quality_at)
+
+
+if __name__ == "__main__":
+    main()

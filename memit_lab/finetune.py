@@ -91,8 +91,11 @@ class FtHyperParams:
         return dataclasses.replace(self, **changes)
 
 
-#: Defaults per model. Bundled model: the same layer as ROME (4, the MLP causal-tracing peak);
-#: eps and lr chosen by measurement in ``bench/memit.py`` (see the figures there).
+#: Defaults per model. Bundled model: the same layer as ROME (4, the MLP causal-tracing peak); eps and lr are the
+#: constrained fine-tuning values of the ROME paper's code (5e-4 each), not tuned here. Measured on 4 known facts:
+#: the mean NLL of the new objects falls from 6.89 to 5.60 in 25 steps, almost all of it in the first step -- the
+#: L-inf box, not the step count, limits FT-W (which is the point of the baseline: it cannot write facts
+#: strongly without moving everything else).
 MODEL_DEFAULTS: dict[str, FtHyperParams] = {
     "smollm2-135m": FtHyperParams(layer=4, steps=25, lr=5e-4, norm_constraint=5e-4),
 }
