@@ -24,11 +24,13 @@ from typing import Any
 import pytest
 import torch
 
-from memit_lab import Trace, checks
+from memit_lab import LoadedModel, Trace, checks
 from memit_lab.checks import CheckFailed, CheckResult, NotImplementedYet
+from memit_lab.facts import KNOWN_FACTS
 from memit_lab.kv_memory import fit_memory, insertion_update, rome_rank_one_update, single_key_update
 from memit_lab.prompts import continuation, last_subject_token, subject_token_span
 from memit_lab.residual import decompose_resid, direct_logit_attribution, freeze_final_norm, lens_logits
+from memit_lab.tracing import embedding_noise, trace
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -475,6 +477,18 @@ def test_a_function_that_crashes_is_reported_with_the_input_that_broke_it() -> N
         checks.check_rank_one_update(_raises_value_error)
     assert "raised an error on this input" in failure.value.hint
     assert "random r [3], k [5]" in failure.value.case
+
+
+def test_restoration_check_hands_out_exactly_the_noise_memit_lab_tracing_draws(smollm: LoadedModel) -> None:
+    fact = KNOWN_FACTS[0]
+    scale = embedding_noise(smollm)
+    traced = trace(smollm, fact.prompt, fact.subject, noise=scale, samples=1, seed=5, positions=[0])
+    noise = checks._tracing_noise(smollm, fact.prompt, fact.subject, scale, 5, traced.target_id, traced.corrupted_prob)
+    span = subject_token_span(smollm.tokenizer, fact.prompt, fact.subject)
+    assert noise.shape == (span[1] - span[0], smollm.d_model)
+    assert abs(float(noise.double().std()) - scale) < 0.1 * scale  # drawn at the scale asked for
+    with pytest.raises(RuntimeError, match="no longer reproduces"):  # another draw gives another corrupted run
+        checks._tracing_noise(smollm, fact.prompt, fact.subject, scale, 6, traced.target_id, traced.corrupted_prob)
 
 
 def test_a_check_needs_the_function_itself() -> None:
