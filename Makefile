@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 PYTEST := $(BIN)/python -m pytest --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg
 
-.PHONY: install demo test lint typecheck pytest lab bench notebooks clean
+.PHONY: install demo test lint typecheck pytest lab bench notebooks reproduce clean
 
 install: $(STAMP)
 
@@ -48,6 +48,11 @@ lab: $(STAMP)
 
 bench: $(STAMP)
 	@for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+
+# The paper's experiments at full scale (hours on a CPU; cached, so an interrupted run resumes):
+# tables (CSV, markdown) and figures (PNG) in results/. MEMIT_LAB_SCALE=small for the notebooks' sizes.
+reproduce: $(STAMP)
+	MEMIT_LAB_SCALE=$${MEMIT_LAB_SCALE:-full} $(BIN)/python scripts/reproduce.py --out results
 
 # Re-execute every notebook in place (refreshes the committed outputs).
 notebooks: $(STAMP)

@@ -75,18 +75,80 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
 
 
+#: The fact the tour traces: (prompt, subject).
+DEMO_TRACE = ("The Eiffel Tower is located in the city of", "Eiffel Tower")
+
+
+def _tour_trace(lm: LoadedModel, samples: int) -> None:
+    from .tracing import trace
+
+    prompt, subject = DEMO_TRACE
+    window = min(10, lm.n_layers)
+    result = trace(lm, prompt, subject, kind="mlp", window=window, samples=samples)
+    last = result.subject_span[1] - 1
+    effect = result.indirect_effect[:, last].tolist()
+    print(
+        f"\n2. Where is the fact? Causal tracing of {prompt!r} -> {result.target!r} (ROME section 2.1):\n"
+        f"   P clean {result.clean_prob:.3f}; subject {subject!r} corrupted with noise: {result.corrupted_prob:.3f}.\n"
+        f"   Restoring the MLP outputs of {window} layers around layer l at the last subject token "
+        f"{result.tokens[last]!r} brings back:"
+    )
+    for lo in range(0, len(effect), 10):
+        print("   " + "  ".join(f"l{layer:<2d} {e:+.2f}" for layer, e in enumerate(effect[lo : lo + 10], start=lo)))
+
+
+def _tour_edit(lm: LoadedModel, args: argparse.Namespace) -> None:
+    from .datasets import load_factset
+    from .experiments import edit_demo
+    from .memit import MemitHyperParams
+    from .tracing import recommend_layers
+
+    defaults = MemitHyperParams.for_model(lm)
+    try:
+        rec = recommend_layers(lm, n=len(defaults.layers), samples=args.samples)
+    except ValueError as err:  # the traced facts do not suit this model's vocabulary
+        layers = defaults.layers
+        print(f"\n3. Which layers to edit? Tracing the known facts failed ({err}); using {layers}.")
+    else:
+        layers = rec.layers
+        print(
+            f"\n3. Which layers to edit? Averaged over {rec.per_fact.shape[0]} known facts, the {rec.n} MLP layers "
+            f"that bring back the most are R = {layers[0]}-{layers[-1]} (effect {float(rec.effect.max()):.2f}); "
+            f"this model's measured default is {defaults.layers[0]}-{defaults.layers[-1]}."
+        )
+    records = load_factset(known=True, n=args.edits)
+    hparams = defaults.replace(layers=layers, stats_tokens=args.stats_tokens or defaults.stats_tokens)
+    print(f"\n4. MEMIT writes {len(records)} counterfactuals at once into layers {layers} (Algorithm 1) ...")
+    demo = edit_demo(lm, records, "memit", hparams=hparams)
+    print("\n" + demo.report().rstrip())
+    print("\nThe model is back as it was. Next: `memit-lab eval`, `memit-lab edit`, or `make lab` for the notebooks.")
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.edits < 1 or args.samples < 1 or (args.stats_tokens is not None and args.stats_tokens < 1):
+        raise ValueError("--edits, --samples and --stats-tokens must be at least 1")
     lm = _load(args)
-    print(f"{lm}\n\nWhat the model predicts next (top {args.k}):")
+    print(f"{lm}\n\n1. What the model predicts next (top {args.k}):")
     _print_predictions(lm, args.prompts or DEMO_PROMPTS, args.k)
+    if args.no_tour:
+        return 0
+    _tour_trace(lm, args.samples)
+    _tour_edit(lm, args)
     return 0
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("demo", help="load the bundled model and show what it knows")
+    parser = sub.add_parser(
+        "demo",
+        help="the tour: what the model knows, where a fact lives, which layers to edit, a batch edited and scored",
+    )
     _add_common(parser)
     parser.add_argument("prompts", nargs="*", help="prompts to complete (default: a few fact prompts)")
     parser.add_argument("-k", type=int, default=5, help="how many next-token predictions to show")
+    parser.add_argument("--edits", type=int, default=10, help="known facts of the fact set to rewrite at once")
+    parser.add_argument("--samples", type=int, default=3, help="noise draws per causal-tracing cell")
+    parser.add_argument("--stats-tokens", type=int, default=None, help="tokens of text for E[k k^T] (default 20,000)")
+    parser.add_argument("--no-tour", action="store_true", help="only show the predictions (step 1)")
     parser.set_defaults(func=_cmd_demo)
 
 

@@ -8,16 +8,29 @@ from memit_lab.cli import main
 
 
 def test_demo_on_a_tiny_model(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--model", "tiny-gpt2", "-k", "3", "The capital of France is"]) == 0
+    assert main(["demo", "--model", "tiny-gpt2", "-k", "3", "--no-tour", "The capital of France is"]) == 0
     out = capsys.readouterr().out
     assert "LoadedModel('tiny-gpt2'" in out and "'The capital of France is'" in out
     assert len([line for line in out.splitlines() if line.startswith("   ")]) == 3
 
 
-def test_demo_on_the_bundled_model(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "-k", "1"]) == 0
+def test_demo_tour_on_the_bundled_model(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["demo", "-k", "1", "--edits", "3", "--samples", "1", "--stats-tokens", "4096"]
+    assert main(args) == 0
     out = capsys.readouterr().out
     assert "' Paris'" in out and "' Tokyo'" in out
+    assert "2. Where is the fact?" in out and "3. Which layers to edit?" in out and "memit: 3 facts edited" in out
+    # The before/after table (prompt, true, new, then P(true), P(new) before, P(true), P(new) after), then the scores.
+    edited = out[out.index("memit: 3 facts edited") :].splitlines()
+    table = [line.split() for line in edited[3:6]]
+    assert all(float(row[-1]) > float(row[-3]) for row in table), edited[:6]  # P(new) rose for every fact
+    memit_row = next(line.split() for line in edited if line.startswith("memit "))
+    assert float(memit_row[2]) == 100.0  # ES after the edit
+
+
+def test_demo_tour_validates_sizes(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--model", "tiny-gpt2", "--edits", "0"]) == 2
+    assert "--edits, --samples and --stats-tokens must be at least 1" in capsys.readouterr().err
 
 
 def test_unknown_model_is_a_message(capsys: pytest.CaptureFixture[str]) -> None:
