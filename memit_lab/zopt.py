@@ -33,7 +33,9 @@ Example:
     >>> from memit_lab.requests import EditRequest
     >>> lm = load_model("tiny-gpt2")
     >>> r = EditRequest("The {} is located in", "Eiffel Tower", "Rome")
-    >>> res = optimise_z(lm, [r], layer=1, params=ZParams(steps=5), contexts=("{}", "Paris. {}"))
+    >>> # a random tiny model's hidden states are small: the paper's weight decay and KL term would dominate
+    >>> params = ZParams(steps=5, weight_decay=0.0, kl_weight=0.0)
+    >>> res = optimise_z(lm, [r], layer=1, params=params, contexts=("{}", "Paris. {}"))
     >>> res.z.shape, res.losses[0][-1] < res.losses[0][0]
     (torch.Size([1, 64]), True)
 """
@@ -210,7 +212,7 @@ def tokenise_prompt(lm: LoadedModel, request: EditRequest, context: str, target:
         >>> lm = load_model("tiny-gpt2")
         >>> t = tokenise_prompt(lm, EditRequest("{} is in", "Paris", "Rome"), "{}", "Rome")
         >>> lm.tokenizer.decode(t.ids[t.subject_last]), [lm.tokenizer.decode(i) for i in t.target_ids]
-        ('Paris', ['R', 'ome'])
+        ('s', [' Rome'])
     """
     prompt = context.replace("{}", request.text)
     start = context.index("{}") + request.template.index("{}")
