@@ -343,8 +343,8 @@ def layer_second_moments(
 
 def solve_device(lm: LoadedModel) -> torch.device:
     """Where the float64 solves run: the model's device, or the CPU for accelerators without float64."""
-    # float64 is missing on some accelerators (MPS); the CPU always has it.
-    return lm.device if lm.device.type in ("cpu", "cuda") else torch.device("cpu")
+    # Apple's MPS has no float64; CPUs and CUDA GPUs do, so the solve stays where the weights are.
+    return torch.device("cpu") if lm.device.type == "mps" else lm.device
 
 
 def apply_memit(
