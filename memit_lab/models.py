@@ -250,7 +250,7 @@ def load_model(
     Args:
         name: ``"smollm2-135m"`` (bundled), a tiny test model name, a Hugging Face id or
             a local folder.
-        device: where to put the model (``"cpu"``, ``"cuda:0"``, ...); ignored when
+        device: where to put the model (a ``torch.device`` or its name: cpu, cuda:0, ...); ignored when
             ``device_map`` is given.
         dtype: weight dtype, e.g. ``torch.float16`` for GPT-J-6B on a GPU.
         device_map: passed to ``from_pretrained`` (``"auto"`` shards with accelerate).
