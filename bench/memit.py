@@ -20,7 +20,11 @@ peak <= 4 GB.
 Part 3: edit quality at --quality-at edits (100 by default): ES / PS / NS of the paper's CounterFact scoring on
 memit_lab's fact set, edited and unedited. Goals: ES >= 95, PS >= 80, NS within 5 points of the unedited model.
 
+Part 4 (with --compare-layers): edit quality of the same --compare-n edits written into each given layer range
+R (e.g. ``3-7 0-4``: the measured default against causal tracing's recommendation), other settings the defaults.
+
 Usage: .venv/bin/python bench/memit.py [--n-z 32] [--n-edits 100 1000] [--quality-at 100] [--skip-reference]
+       [--compare-layers 3-7 0-4 --compare-n 100]
 """
 
 from __future__ import annotations
@@ -184,12 +188,37 @@ def end_to_end(n: int, quality: bool) -> None:
         )
 
 
+# --- part 4: which layers ------------------------------------------------------------------------------------------
+
+
+def compare_layers(ranges: Sequence[str], n: int) -> None:
+    lm = load_model("smollm2-135m")
+    records = load_factset(known=True, n=n)
+    requests = [edit_request(r) for r in records]
+    unedited = counterfact_summary(counterfact_scores(lm, records, progress=False))
+    print(f"   {'unedited':9} " + "  ".join(f"{c} {unedited[c]:5.1f}" for c in ("S", "ES", "PS", "NS")))
+    for text in ranges:
+        lo, _, hi = text.partition("-")
+        layers = tuple(range(int(lo), int(hi or lo) + 1))
+        start = time.perf_counter()
+        result = apply_memit(lm, requests, layers=layers)
+        took = time.perf_counter() - start
+        scores = counterfact_summary(counterfact_scores(lm, records, progress=False))
+        result.restore()
+        print(
+            f"   R={text:7} " + "  ".join(f"{c} {scores[c]:5.1f}" for c in ("S", "ES", "PS", "NS"))
+            + f"  (residual left at L {result.residual_after:.2f}, {took:.0f} s)"
+        )  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--n-z", type=int, default=32, help="requests for the z comparison")
     parser.add_argument("--n-edits", type=int, nargs="*", default=[100, 1000], help="sizes for end-to-end runs")
     parser.add_argument("--quality-at", type=int, default=100, help="score edit quality at this size (0: never)")
     parser.add_argument("--skip-reference", action="store_true", help="skip part 1 (the z comparison)")
+    parser.add_argument("--compare-layers", nargs="*", default=[], help="layer ranges for part 4, e.g. 3-7 0-4")
+    parser.add_argument("--compare-n", type=int, default=100, help="known facts edited in part 4")
     args = parser.parse_args()
     torch.set_num_threads(2)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; times include any other load on the machine")
@@ -203,6 +232,9 @@ def main() -> None:
     for n in args.n_edits:
         print(f"\n== part 2: apply_memit, {n} edits (bundled fact set, default hyper-parameters)")
         end_to_end(n, quality=n == args.quality_at)
+    if args.compare_layers:
+        print(f"\n== part 4: edit quality by layer range R, {args.compare_n} known facts (CounterFact %)")
+        compare_layers(args.compare_layers, args.compare_n)
 
 
 if __name__ == "__main__":

@@ -154,13 +154,16 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_trace(args: argparse.Namespace) -> int:
     # Imported here: plotting libraries would slow every other command's start.
+    from tqdm import tqdm
+
     from .tracing import trace
 
     lm = _load(args)
-    result = trace(
-        lm, args.prompt, args.subject, args.target, kind=args.kind, window=args.window, samples=args.samples,
-        seed=args.seed, severed=args.severed,
-    )  # fmt: skip
+    with tqdm(total=100, desc=f"tracing {args.kind}", unit="%", file=sys.stderr) as bar:
+        result = trace(
+            lm, args.prompt, args.subject, args.target, kind=args.kind, window=args.window, samples=args.samples,
+            seed=args.seed, severed=args.severed, on_progress=lambda done: bar.update(round(100 * done) - bar.n),
+        )  # fmt: skip
     print(
         f"P({result.target!r}) clean {result.clean_prob:.3f}, corrupted {result.corrupted_prob:.3f} "
         f"(noise {result.noise:.3f} on {result.tokens[slice(*result.subject_span)]}, {result.samples} samples)"

@@ -29,7 +29,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from io import StringIO
 from pathlib import Path
@@ -55,6 +55,7 @@ from .evaluate import (
 from .memit import EditResult, MemitHyperParams, apply_memit
 from .models import LoadedModel
 from .requests import EditRequest
+from .zopt import ZParams, ZResult, optimise_z
 
 __all__ = [
     "METHODS",
@@ -63,6 +64,7 @@ __all__ = [
     "EditDemo",
     "Plan",
     "Sweep",
+    "TargetPool",
     "by_scale",
     "cached_run",
     "default_hparams",
@@ -151,10 +153,10 @@ _RELATIONS_FULL = (
 PLANS: dict[str, Plan] = {
     "small": Plan(
         scale="small",
-        sweep_ns=(1, 4, 16),
+        sweep_ns=(1, 4, 12),
         methods=("memit", "rome-seq", "ft"),
         generation=4,
-        table1_n=8,
+        table1_n=6,
         relations=_RELATIONS_SMALL,
         per_relation=4,
         tradeoff_n=8,
@@ -215,11 +217,20 @@ def edit_request(record: Record) -> EditRequest:
     return EditRequest(record.prompt, record.subject, record.target_new, record.target_true, record.relation_id)
 
 
-def _apply(lm: LoadedModel, records: Sequence[Record], method: str, hparams: Any, progress: bool) -> EditResult:
+def _apply(
+    lm: LoadedModel,
+    records: Sequence[Record],
+    method: str,
+    hparams: Any,
+    progress: bool,
+    targets: Callable[[], ZResult] | None = None,
+) -> EditResult:
     """Write the records' new objects into ``lm`` with ``method`` (the caller restores the weights)."""
     requests = [edit_request(r) for r in records]
     if method == "memit":
-        return apply_memit(lm, requests, hparams, progress=progress)
+        return apply_memit(lm, requests, hparams, targets=targets() if targets else None, progress=progress)
+    if targets is not None:
+        raise ValueError(f"targets (precomputed z) apply to MEMIT only, not to {method!r}")
     if method == "rome-seq":
         from .rome import apply_rome
 
@@ -275,6 +286,7 @@ def run_edits(
     hparams: Any = None,
     generation: int = 0,
     max_new_tokens: int = 100,
+    targets: Callable[[], ZResult] | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
     """Edit the first ``n`` records with ``method``, score them, restore the model; one row per record.
@@ -286,6 +298,8 @@ def run_edits(
         hparams: the method's hyper-parameter dataclass, ``None`` for its defaults.
         generation: GE and RS are computed on the first ``generation`` records (0: skipped; it samples text).
         max_new_tokens: length of each generated text (the paper: 100).
+        targets: MEMIT only: gives the z of the edited records (e.g. :meth:`TargetPool.lazy`), called
+            only when the edit runs.
 
     Returns:
         Per record: ``es em ps pm ns nm`` (CounterFact; ``ge rs`` when generated) or ``efficacy paraphrase
@@ -299,7 +313,7 @@ def run_edits(
     chosen = list(records[:n])
     with preserved_weights(lm):
         start = time.perf_counter()
-        phases = {} if method == "unedited" else _apply(lm, chosen, method, hparams, progress).seconds
+        phases = {} if method == "unedited" else _apply(lm, chosen, method, hparams, progress, targets).seconds
         edit_seconds = time.perf_counter() - start
         frame = _score(lm, chosen, generation, max_new_tokens, progress)
     frame.insert(0, "method", method)
@@ -307,6 +321,45 @@ def run_edits(
     frame.attrs["edit_seconds"] = edit_seconds
     frame.attrs["edit_phases"] = dict(phases)
     return frame
+
+
+class TargetPool:
+    """MEMIT's targets z (eq. 16) for a list of records, optimised once per top layer L and shared by runs.
+
+    z of a request depends on the request, the unedited model, L and the z settings only: not
+    on lambda, on the layers below L, nor on the other requests of its batch (each has its own
+    delta and loss). Runs on sub-lists of the records (a sweep's prefixes, one relation of a
+    mixed batch) or with other lambda / lower layers can therefore share one optimisation.
+
+    Example:
+        >>> from memit_lab import load_model
+        >>> from memit_lab.datasets import load_factset
+        >>> from memit_lab.zopt import ZParams
+        >>> lm, recs = load_model("tiny-gpt2"), load_factset(n=3)
+        >>> pool = TargetPool(lm, recs, ZParams(steps=2, n_contexts=1))
+        >>> pool.lazy(recs[1:], layer=1)().z.shape == (2, lm.d_model)
+        True
+    """
+
+    def __init__(self, lm: LoadedModel, records: Sequence[Record], params: ZParams) -> None:
+        self.lm, self.params = lm, params
+        self.requests = [edit_request(r) for r in records]
+        self._row = {repr(r): i for i, r in enumerate(records)}
+        self._by_layer: dict[int, ZResult] = {}
+
+    def targets(self, layer: int) -> ZResult:
+        """z of every record of the pool at ``layer`` (optimised on first use; the model must be unedited)."""
+        if layer not in self._by_layer:
+            self._by_layer[layer] = optimise_z(self.lm, self.requests, layer, self.params)
+        return self._by_layer[layer]
+
+    def lazy(self, records: Sequence[Record], layer: int) -> Callable[[], ZResult]:
+        """A function giving z of ``records`` (all in the pool) at ``layer``, optimising only when called."""
+        missing = [r for r in records if repr(r) not in self._row]
+        if missing:
+            raise ValueError(f"{len(missing)} records are not in the pool, e.g. {missing[0]!r}")
+        rows = [self._row[repr(r)] for r in records]
+        return lambda: self.targets(layer).select(rows)
 
 
 # --- the sweep, cached cell by cell ------------------------------------------------------------------------------
@@ -355,13 +408,16 @@ def cached_run(
     hparams: Any = None,
     generation: int = 0,
     max_new_tokens: int = 100,
+    targets: Callable[[], ZResult] | None = None,
     cache: bool = True,
 ) -> pd.DataFrame:
     """:func:`run_edits` on all ``records``, read from the on-disk cache when this exact run was done before.
 
     The key holds the model's fingerprint, the records, the method, its hyper-parameters
     and the scoring options; the entry (a CSV and a manifest) is written atomically under
-    ``cache_root()/experiments`` as soon as the run ends, so long studies resume.
+    ``cache_root()/experiments`` as soon as the run ends, so long studies resume. ``targets``
+    (MEMIT's shared z, see :class:`TargetPool`) is not part of the key: it is the z the run would
+    compute itself.
     """
     chosen = list(records)
     options = {"generation": generation, "max_new_tokens": max_new_tokens}
@@ -370,7 +426,7 @@ def cached_run(
     with locked(folder) if cache else contextlib.nullcontext():
         frame = _load_cell(folder) if cache else None
         if frame is None:
-            frame = run_edits(lm, chosen, method, hparams=hparams, progress=False, **options)
+            frame = run_edits(lm, chosen, method, hparams=hparams, targets=targets, progress=False, **options)
             if cache:
                 _save_cell(folder, frame)
         else:
@@ -441,18 +497,27 @@ def scaling_sweep(
     by the model's fingerprint, the records, the method, its hyper-parameters and the
     scoring options: calling again with the same arguments reads what is done and computes
     the rest. ``hparams`` maps a method name to its hyper-parameter dataclass.
+
+    MEMIT's z (eq. 16) is optimised once, in its largest-n cell, and shared by the smaller n
+    (:class:`TargetPool`): their edit times count keys and solves only.
     """
     ns = sorted(set(ns))
     unknown = set(methods) - set(METHODS)
     if unknown or not ns:
         raise ValueError(f"methods must be among {METHODS} and ns non-empty; got {sorted(unknown)}, {ns}")
-    cells = [("unedited", ns[-1])] + [(m, n) for m in methods if m != "unedited" for n in ns]
+    # MEMIT from the largest n down: that cell optimises z for all (and its time is a real run's),
+    # the smaller ones take their prefix of it.
+    order = {m: ns[::-1] if m == "memit" else ns for m in methods}
+    cells = [("unedited", ns[-1])] + [(m, n) for m in methods if m != "unedited" for n in order[m]]
+    memit_hp = (hparams or {}).get("memit") or default_hparams(lm, "memit")
+    pool = TargetPool(lm, records[: ns[-1]], memit_hp.z)
     frames, seconds = [], []
     for method, n in tqdm(cells, desc="sweep", disable=not progress):
         settings = (hparams or {}).get(method)
+        shared = pool.lazy(records[:n], memit_hp.layers[-1]) if method == "memit" else None
         frame = cached_run(
             lm, records[:n], method, hparams=settings, generation=generation, max_new_tokens=max_new_tokens,
-            cache=cache,
+            targets=shared, cache=cache,
         )  # fmt: skip
         frames.append(frame)
         seconds.append({"method": method, "n": n, "edit_seconds": frame.attrs["edit_seconds"]})

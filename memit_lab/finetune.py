@@ -91,13 +91,14 @@ class FtHyperParams:
         return dataclasses.replace(self, **changes)
 
 
-#: Defaults per model. Bundled model: the same layer as ROME (4, the MLP causal-tracing peak); eps and lr are the
-#: constrained fine-tuning values of the ROME paper's code (5e-4 each), not tuned here. Measured on 4 known facts:
-#: the mean NLL of the new objects falls from 6.89 to 5.60 in 25 steps, almost all of it in the first step -- the
-#: L-inf box, not the step count, limits FT-W (which is the point of the baseline: it cannot write facts
-#: strongly without moving everything else).
+#: Defaults per model. Bundled model: the same layer as ROME (4, the MLP causal-tracing peak). eps and lr 5e-3, ten
+#: times the ROME paper's code: its 5e-4 is ~0.3% of this layer's W_out entry std (0.18) and, measured on 16 known
+#: facts of the fact set (CounterFact %, unedited S 0 / ES 0 / PS 3.1 / NS 88.8), writes nothing: ES 0. By eps (= lr):
+#: 2e-3 -> ES 12.5, PS 12.5, NS 82.5; 5e-3 -> ES 81.2, PS 31.2, NS 76.2; 2e-2 (lr 5e-3) -> ES 93.8, PS 71.9, NS 60.0;
+#: no box (lr 5e-4) -> ES 81.2, PS 56.2, NS 60.0. At 5e-3 the box still binds: most facts are written on their own
+#: prompt, few carry over to paraphrases, and neighbours pay -- the constrained fine-tuning baseline of the paper.
 MODEL_DEFAULTS: dict[str, FtHyperParams] = {
-    "smollm2-135m": FtHyperParams(layer=4, steps=25, lr=5e-4, norm_constraint=5e-4),
+    "smollm2-135m": FtHyperParams(layer=4, steps=25, lr=5e-3, norm_constraint=5e-3),
 }
 
 

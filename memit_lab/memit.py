@@ -124,11 +124,23 @@ class MemitHyperParams:
 
     @classmethod
     def for_model(cls, lm: LoadedModel) -> MemitHyperParams:
-        """The defaults for ``lm``: measured ones for the bundled model (see :data:`MODEL_DEFAULTS`),
-        else the paper's GPT-J settings with :func:`default_layers` (cheap; :meth:`from_tracing` measures R)."""
+        """The defaults for ``lm``: measured ones for the bundled model (see :data:`MODEL_DEFAULTS`); else
+        R from causal tracing (:meth:`from_tracing` with as many layers as :func:`default_layers` gives,
+        cached on disk per model, so traced once) and the paper's GPT-J settings for the rest.
+
+        A model whose vocabulary has none of the tracing facts' objects as a token (tiny test
+        tokenizers) gets :func:`default_layers`, with a warning in the log.
+        """
         if lm.name in MODEL_DEFAULTS:
             return MODEL_DEFAULTS[lm.name]
-        return cls(default_layers(lm.n_layers))
+        from .tracing import NoTraceableFactsError  # see from_tracing
+
+        guess = default_layers(lm.n_layers)
+        try:
+            return cls.from_tracing(lm, n=len(guess))
+        except NoTraceableFactsError as err:
+            log.warning("%s; using the paper's range scaled to %d layers, %s", err, lm.n_layers, guess)
+            return cls(guess)
 
     @classmethod
     def from_tracing(cls, lm: LoadedModel, n: int = 5, **tracing: Any) -> MemitHyperParams:
@@ -347,6 +359,21 @@ def solve_device(lm: LoadedModel) -> torch.device:
     return torch.device("cpu") if lm.device.type == "mps" else lm.device
 
 
+def _check_targets(lm: LoadedModel, requests: Sequence[EditRequest], top: int, targets: ZResult, batch: int) -> None:
+    """Refuse z optimised elsewhere: another layer, other requests, or a model edited since (h differs)."""
+    if targets.layer != top or targets.z.shape[0] != len(requests):
+        raise ValueError(
+            f"targets hold {targets.z.shape[0]} z at layer {targets.layer}, but there are {len(requests)} requests "
+            f"and L = {top}; optimise them with optimise_z(lm, requests, {top}) or pass targets=None"
+        )
+    h = hidden_at_subject(lm, requests, top, batch=batch)
+    if not torch.allclose(h, targets.h.to(h), rtol=1e-4, atol=1e-4 * float(h.abs().max())):
+        raise ValueError(
+            "targets were optimised for other requests or on a model whose weights have changed since (h at L "
+            "differs); optimise z again for these requests on this model"
+        )
+
+
 def apply_memit(
     lm: LoadedModel,
     requests: Sequence[EditRequest],
@@ -356,6 +383,7 @@ def apply_memit(
     lam: float | None = None,
     second_moments: Mapping[int, torch.Tensor] | None = None,
     contexts: Sequence[str] | None = None,
+    targets: ZResult | None = None,
     progress: bool = False,
 ) -> MemitResult:
     """Write every request into ``lm`` at once with MEMIT (Algorithm 1); undo with ``result.restore()``.
@@ -368,7 +396,11 @@ def apply_memit(
         second_moments: ``{layer: E[k k^T]}`` to use instead of computing (or reading from the
             cache) :func:`memit_lab.stats.key_second_moment`.
         contexts: prompt templates for z and the keys (``"{}"`` first); ``None`` samples them
-            (:func:`memit_lab.zopt.context_templates`).
+            (:func:`memit_lab.zopt.context_templates`), or takes those of ``targets``.
+        targets: z already optimised (eq. 16) for these requests at L = max(R) on this unedited
+            model, to share between runs that differ only in lambda or the lower layers (z of a
+            request depends on neither, nor on the other requests: :meth:`ZResult.select`).
+            Checked against the model's h at L; ``None`` optimises z here.
         progress: progress bars.
 
     Raises:
@@ -385,16 +417,19 @@ def apply_memit(
     if hp.layers[-1] >= lm.n_layers or hp.layers[0] < 0:
         raise ValueError(f"layers {hp.layers} do not fit a model of {lm.n_layers} layers")
     requests = check_requests(requests, lm.tokenizer)
+    top = hp.layers[-1]
+    if targets is not None:
+        _check_targets(lm, requests, top, targets, hp.key_batch)
+        contexts = targets.contexts if contexts is None else contexts
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     moments = layer_second_moments(lm, hp.layers, second_moments, hp.stats_tokens, progress)
     seconds["stats"] = time.perf_counter() - start
     if contexts is None:
         contexts = context_templates(lm, hp.z.n_contexts, hp.z.context_tokens, seed=hp.z.context_seed)
-    top = hp.layers[-1]
 
     start = time.perf_counter()
-    zres = optimise_z(lm, requests, top, hp.z, contexts=contexts, progress=progress)
+    zres = targets or optimise_z(lm, requests, top, hp.z, contexts=contexts, progress=progress)
     seconds["z"] = time.perf_counter() - start
     if not torch.isfinite(zres.z).all():
         raise NonFiniteUpdateError("the optimised z is not finite; lower the learning rate (ZParams.lr)")

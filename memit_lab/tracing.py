@@ -70,6 +70,7 @@ __all__ = [
     "AverageEffect",
     "CausalTrace",
     "LayerRecommendation",
+    "NoTraceableFactsError",
     "average_indirect_effect",
     "category_positions",
     "embedding_noise",
@@ -414,13 +415,20 @@ def _cell_states(
 
 
 def _grid_per_cell(
-    lm: LoadedModel, setup: _Setup, kind: str, window: int, severed: str | None, positions: Sequence[int]
+    lm: LoadedModel,
+    setup: _Setup,
+    kind: str,
+    window: int,
+    severed: str | None,
+    positions: Sequence[int],
+    on_progress: Callable[[float], None],
 ) -> torch.Tensor:
     scores = torch.full((lm.n_layers, setup.n_pos), math.nan, dtype=torch.float64)
-    for pos in positions:
+    for done, pos in enumerate(positions, 1):
         for layer in range(lm.n_layers):
             restore, freeze = _cell_states(lm, kind, layer, pos, window, severed)
             scores[layer, pos] = _patched_prob(lm, setup, restore, freeze)
+        on_progress(done / len(positions))
     return scores
 
 
@@ -567,16 +575,23 @@ def _block_edit(
 
 
 def _grid_fast(
-    lm: LoadedModel, setup: _Setup, kind: str, window: int, severed: str | None, positions: Sequence[int]
+    lm: LoadedModel,
+    setup: _Setup,
+    kind: str,
+    window: int,
+    severed: str | None,
+    positions: Sequence[int],
+    on_progress: Callable[[float], None],
 ) -> torch.Tensor:
     scores = torch.full((lm.n_layers, setup.n_pos), math.nan, dtype=torch.float64)
     corrupted = _prob(setup.corrupt.logits, setup.target_id)
-    for pos in positions:
+    for done, pos in enumerate(positions, 1):
         # Before the subject the clean and corrupted runs agree: restoring there changes nothing.
         if pos < setup.span[0]:
             scores[:, pos] = corrupted
         else:
             scores[:, pos] = _column_fast(lm, setup, kind, window, severed, pos)
+        on_progress(done / len(positions))
     return scores
 
 
@@ -683,6 +698,7 @@ def _result(
     severed: str | None,
     positions: Sequence[int] | None,
     batched: bool,
+    on_progress: Callable[[float], None],
 ) -> CausalTrace:
     wanted = list(range(setup.n_pos)) if positions is None else list(positions)
     if not all(isinstance(p, int) and 0 <= p < setup.n_pos for p in wanted):
@@ -698,7 +714,7 @@ def _result(
         kind=kind,
         window=window,
         severed=severed,
-        scores=grid(lm, setup, kind, window, severed, wanted),
+        scores=grid(lm, setup, kind, window, severed, wanted, on_progress),
         clean_prob=_prob(setup.clean.logits, setup.target_id),
         corrupted_prob=_prob(setup.corrupt.logits, setup.target_id),
         noise=setup.scale,
@@ -721,6 +737,7 @@ def trace(
     severed: str | None = None,
     positions: Sequence[int] | None = None,
     batched: bool = True,
+    on_progress: Callable[[float], None] | None = None,
 ) -> CausalTrace:
     """Causal tracing of one fact: P(target) with each (layer, token) state restored (ROME section 2.1).
 
@@ -741,6 +758,8 @@ def trace(
         positions: trace only these token positions (the others are NaN).
         batched: the fast computation (see the module docstring); ``False`` runs one
             forward pass per cell, the reference it agrees with to ~1e-7.
+        on_progress: called with the fraction of the grid done (0-1] after each token
+            column, e.g. to move a progress bar.
 
     Example:
         >>> from memit_lab import load_model
@@ -752,7 +771,8 @@ def trace(
     _check_kind(kind, window, lm.n_layers)
     _check_settings(samples, noise, severed, kind)
     setup = _prepare(lm, prompt, subject, target, noise, samples, seed)
-    return _result(lm, setup, prompt, subject, kind, window, severed, positions, batched)
+    report = on_progress or (lambda fraction: None)
+    return _result(lm, setup, prompt, subject, kind, window, severed, positions, batched, report)
 
 
 def trace_all(
@@ -768,8 +788,10 @@ def trace_all(
     seed: int = 0,
     positions: Sequence[int] | None = None,
     batched: bool = True,
+    on_progress: Callable[[float], None] | None = None,
 ) -> dict[str, CausalTrace]:
     """:func:`trace` for several kinds at once, sharing the clean and corrupted runs (same noise in all).
+    ``on_progress`` gets the fraction of all the kinds' grids done.
 
     Example:
         >>> from memit_lab import load_model
@@ -782,7 +804,15 @@ def trace_all(
         _check_kind(kind, window, lm.n_layers)
         _check_settings(samples, noise, None, kind)
     setup = _prepare(lm, prompt, subject, target, noise, samples, seed)
-    return {kind: _result(lm, setup, prompt, subject, kind, window, None, positions, batched) for kind in kinds}
+    report = on_progress or (lambda fraction: None)
+
+    def part(k: int) -> Callable[[float], None]:
+        return lambda fraction: report((k + fraction) / len(kinds))
+
+    return {
+        kind: _result(lm, setup, prompt, subject, kind, window, None, positions, batched, part(k))
+        for k, kind in enumerate(kinds)
+    }
 
 
 # -- the average over many facts (ROME figure 2) ----------------------------------------------------------------
@@ -1029,10 +1059,26 @@ def _best_window(effect: Float[torch.Tensor, " layer"], n: int) -> tuple[int, ..
     return tuple(_window(best, n, n_layers))
 
 
-def _default_facts() -> tuple[FactLike, ...]:
+class NoTraceableFactsError(ValueError):
+    """None of the default facts' objects is a token of this model's vocabulary, so none can be traced."""
+
+
+def _default_facts(lm: LoadedModel) -> tuple[FactLike, ...]:
+    """Every fourth fact of :data:`memit_lab.facts.KNOWN_FACTS` whose object starts with a token of its own here."""
     from .facts import KNOWN_FACTS
 
-    return KNOWN_FACTS[::4]
+    usable = []
+    for fact in KNOWN_FACTS[::4]:
+        try:
+            resolve_target(lm, fact.prompt, fact.target)
+        except ValueError:
+            continue  # e.g. a tiny test vocabulary that spells " Paris" letter by letter
+        usable.append(fact)
+    if not usable:
+        raise NoTraceableFactsError(
+            f"no default fact's object is a token of {lm.name}'s vocabulary; pass facts=[...] that the model knows"
+        )
+    return tuple(usable)
 
 
 def recommend_layers(
@@ -1055,7 +1101,8 @@ def recommend_layers(
     is cached on disk per model fingerprint, facts and settings.
 
     Args:
-        facts: facts the model knows (default: every fourth of :data:`memit_lab.facts.KNOWN_FACTS`).
+        facts: facts the model knows (default: every fourth of :data:`memit_lab.facts.KNOWN_FACTS`,
+            those whose object is a token of the model's vocabulary).
         n: how many layers R holds (MEMIT: 5-6).
         samples, noise, seed: as in :func:`trace`.
         use_cache: read and write the on-disk cache.
@@ -1073,7 +1120,7 @@ def recommend_layers(
             f"n={n!r} layers do not fit a model of {lm.n_layers} layers; pass n between 1 and {lm.n_layers}"
         )
     _check_settings(samples, noise, None, "mlp")
-    chosen = _default_facts() if facts is None else _check_facts(facts)
+    chosen = _default_facts(lm) if facts is None else _check_facts(facts)
     scale = embedding_noise(lm, use_cache=use_cache) if noise is None else float(noise)
     if not use_cache:
         return _recommend(lm, chosen, n, samples, scale, seed, progress)

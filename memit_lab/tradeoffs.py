@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .datasets import CounterFactRecord
 from .evaluate import counterfact_summary
-from .experiments import cached_run, default_hparams
+from .experiments import TargetPool, cached_run, default_hparams
 from .memit import MemitHyperParams
 from .models import LoadedModel
 
@@ -129,9 +129,12 @@ def relation_study(
     hparams = hparams or default_hparams(lm, "memit")
     runs = [("alone", g) for g in groups.values()] + ([("mixed", interleave(list(groups.values())))] if mixed else [])
     everything = interleave(list(groups.values()))
+    pool = TargetPool(lm, everything, hparams.z)  # alone or mixed, a request's z is the same
     frames = [cached_run(lm, everything, "unedited", cache=cache).assign(condition="unedited")]
     for condition, batch in tqdm(runs, desc="relation study", disable=not progress):
-        frames.append(cached_run(lm, batch, "memit", hparams=hparams, cache=cache).assign(condition=condition))
+        shared = pool.lazy(batch, hparams.layers[-1])
+        frame = cached_run(lm, batch, "memit", hparams=hparams, targets=shared, cache=cache)
+        frames.append(frame.assign(condition=condition))
     return RelationStudy(pd.concat(frames, ignore_index=True), n)
 
 
@@ -185,7 +188,11 @@ def tradeoff_grid(
     grid = [(float(lam), tuple(layers)) for layers in layer_ranges for lam in lams]
     unedited = cached_run(lm, records, "unedited", cache=cache)
     rows = [{"lam": np.nan, "layers": "unedited", **counterfact_summary(unedited).to_dict()}]
+    pool = TargetPool(lm, records, base.z)  # z depends on the top layer only, not on lambda or the lower layers
     for lam, layers in tqdm(grid, desc="lambda x layers", disable=not progress):
-        frame = cached_run(lm, records, "memit", hparams=base.replace(lam=lam, layers=layers), cache=cache)
+        shared = pool.lazy(records, layers[-1])
+        frame = cached_run(
+            lm, records, "memit", hparams=base.replace(lam=lam, layers=layers), targets=shared, cache=cache
+        )
         rows.append({"lam": lam, "layers": _span(layers), **counterfact_summary(frame).to_dict()})
     return Tradeoff(pd.DataFrame(rows), len(records))

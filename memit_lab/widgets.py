@@ -406,10 +406,14 @@ def run_trace(
     checked = _check_fact(state.lm, prompt, subject)
     if checked is not None:
         return checked
-    progress(f"tracing {kind} states with {samples} noise sample(s)", 0.1)
+    what = f"tracing {kind} states with {samples} noise sample(s)"
+    progress(what, 0.05)
     window = min(state.window, state.lm.n_layers)
     try:
-        result = trace(state.lm, prompt, subject, kind=kind, window=window, samples=samples)
+        result = trace(
+            state.lm, prompt, subject, kind=kind, window=window, samples=samples,
+            on_progress=lambda done: progress(what, 0.05 + 0.85 * done),
+        )  # fmt: skip
     except ValueError as err:
         return Message(str(err))
     progress("choosing edit layers", 0.9)

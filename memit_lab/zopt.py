@@ -42,6 +42,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -521,6 +522,24 @@ class ZResult:
     @property
     def delta(self) -> Float[torch.Tensor, "n_edits d_model"]:
         return self.z - self.h
+
+    def select(self, rows: Sequence[int]) -> ZResult:
+        """The targets of the requests at ``rows`` (z of one request does not depend on the others in its batch).
+
+        Example:
+            >>> losses = ((1.0,), (2.0,), (3.0,))
+            >>> res = ZResult(torch.zeros(3, 2), torch.ones(3, 2), losses, ((0.0, 0.0, 0.0),) * 3, 1, ("{}",))
+            >>> res.select([2, 0]).losses
+            ((3.0,), (1.0,))
+        """
+        index = list(rows)
+        return dataclasses.replace(
+            self,
+            h=self.h[index],
+            z=self.z[index],
+            losses=tuple(self.losses[i] for i in index),
+            final_parts=tuple(self.final_parts[i] for i in index),
+        )
 
     def to_frame(self) -> pd.DataFrame:
         """One row per request: steps, first and last loss, NLL/KL/decay parts, ||delta|| / ||h||."""

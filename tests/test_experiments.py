@@ -1,11 +1,14 @@
 """The experiment runner edits, scores and restores the model bit for bit; sweeps resume from their cache."""
 
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
 import torch
+from helpers import WeightSnapshot
 
+import memit_lab.experiments as experiments
 from memit_lab import LoadedModel, load_model
 from memit_lab.cache import write_manifest
 from memit_lab.datasets import CounterFactRecord, load_factset
@@ -24,29 +27,23 @@ from memit_lab.experiments import (
     scaling_sweep,
 )
 from memit_lab.memit import MemitHyperParams
-
-
-def _weights(lm: LoadedModel) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in lm.model.named_parameters()}
-
-
-def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+from memit_lab.requests import EditRequest
+from memit_lab.zopt import ZParams, ZResult, optimise_z
 
 
 def test_preserved_weights_restores_bit_for_bit_even_after_an_error(tiny_lm: LoadedModel) -> None:
-    before = _weights(tiny_lm)
+    before = WeightSnapshot(tiny_lm)
 
     def failing_edit() -> None:
         with preserved_weights(tiny_lm), torch.no_grad():
             for layer in range(tiny_lm.n_layers):
                 tiny_lm.adapter.w_out_parameter(tiny_lm.model, layer).mul_(1.001).add_(1e-3)
-            assert not _same(before, _weights(tiny_lm))
+            assert not before.unchanged()
             raise KeyError("a failure half-way through an edit")
 
     with pytest.raises(KeyError, match="half-way"):
         failing_edit()
-    assert _same(before, _weights(tiny_lm))
+    assert before.unchanged()
 
 
 def test_preserved_weights_refuses_to_hide_other_changes() -> None:
@@ -95,6 +92,28 @@ def test_unedited_run_and_sweep_cache(tmp_path: Path, monkeypatch: pytest.Monkey
     (folder / "frame.csv").write_text((folder / "frame.csv").read_text() + "\n")
     fresh = scaling_sweep(lm, records, ns=[2, 4], methods=["unedited"], progress=False)
     pd.testing.assert_frame_equal(fresh.frame, sweep.frame)
+
+
+def test_memit_cells_of_a_sweep_share_one_z_optimisation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MEMIT_LAB_CACHE", str(tmp_path))
+    lm = load_model("tiny-gpt2")
+    records = _records(3)
+    hp = MemitHyperParams(layers=(0, 1), lam=10.0, z=ZParams(steps=4, n_contexts=2), stats_tokens=2048)
+    calls: list[int] = []
+
+    def counted(lm: LoadedModel, requests: list[EditRequest], *args: Any, **kwargs: Any) -> ZResult:
+        calls.append(len(requests))
+        return optimise_z(lm, requests, *args, **kwargs)
+
+    monkeypatch.setattr(experiments, "optimise_z", counted)
+    sweep = scaling_sweep(lm, records, ns=[1, 3], methods=["memit"], hparams={"memit": hp}, progress=False)
+    assert calls == [3]  # once, for the largest n
+    # The n = 1 cell scores as a run that optimises its own z does.
+    alone = run_edits(lm, records[:1], "memit", hparams=hp, progress=False)
+    shared = sweep.frame[(sweep.frame.method == "memit") & (sweep.frame.n == 1)].reset_index(drop=True)
+    pd.testing.assert_frame_equal(shared[["es", "ps", "ns"]], alone[["es", "ps", "ns"]])
+    for col in ("em", "pm", "nm"):
+        assert shared[col].tolist() == pytest.approx(alone[col].tolist(), abs=1e-4)
 
 
 def test_sweep_summary_table_and_plot() -> None:
@@ -166,10 +185,10 @@ def test_cached_run_keys_default_hparams_like_explicit_ones(tmp_path: Path, monk
 
 def test_memit_writes_ten_known_facts_and_run_edits_restores_every_weight(smollm: LoadedModel) -> None:
     records = load_factset(known=True, n=10)
-    before = _weights(smollm)
+    before = WeightSnapshot(smollm)
     unedited = run_edits(smollm, records, "unedited", progress=False)
     edited = run_edits(smollm, records, "memit", progress=False)
-    assert _same(before, _weights(smollm))
+    assert before.unchanged()
     assert unedited.es.mean() == 0.0  # known facts: the true object wins before
     # The issue asks for ES = 1.0; measured 0.9 with the bundled defaults (lambda 750-15,000 and 25-50 z steps
     # alike): "Facebook is a multinational company from" keeps preferring "the United States" over "Sweden".

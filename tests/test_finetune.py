@@ -1,10 +1,9 @@
 """FT-W (fine-tuning W_out of one layer under an L-infinity constraint): tiny models of every family, then the
 bundled model."""
 
-from collections.abc import Iterator
-
 import pytest
 import torch
+from helpers import WeightSnapshot
 
 import memit_lab.finetune as ft_module
 from memit_lab import LoadedModel
@@ -23,14 +22,6 @@ REQUESTS = [
 LAYER = 1
 
 
-def _snapshot(lm: LoadedModel) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
-
-
-def _same_weights(lm: LoadedModel, snapshot: dict[str, torch.Tensor]) -> bool:
-    return all(torch.equal(v, snapshot[k]) for k, v in lm.model.state_dict().items())
-
-
 def _new_logprob(lm: LoadedModel) -> torch.Tensor:
     return target_scores(lm, [r.text for r in REQUESTS], [r.target_new for r in REQUESTS]).mean_logprob
 
@@ -45,7 +36,7 @@ def test_loss_is_the_full_models_teacher_forced_nll(tiny_lm: LoadedModel) -> Non
 
 
 def test_only_w_out_of_its_layer_moves_within_eps_and_restores(tiny_lm: LoadedModel) -> None:
-    snapshot = _snapshot(tiny_lm)
+    saved = WeightSnapshot(tiny_lm)
     w0 = tiny_lm.adapter.w_out_weight(tiny_lm.model, LAYER).detach().clone()
     before = _new_logprob(tiny_lm)
     eps = 2e-3
@@ -53,14 +44,14 @@ def test_only_w_out_of_its_layer_moves_within_eps_and_restores(tiny_lm: LoadedMo
     change = tiny_lm.adapter.w_out_weight(tiny_lm.model, LAYER) - w0
     assert float(change.abs().max()) <= eps + 1e-6 and result.max_change == pytest.approx(float(change.abs().max()))
     assert float(change.abs().max()) > 0.9 * eps  # the constraint was active: something was clipped
-    changed = {k for k, v in tiny_lm.model.state_dict().items() if not torch.equal(v, snapshot[k])}
+    changed = saved.changed()
     assert changed == {tiny_lm.adapter.w_out_module(LAYER) + ".weight"}
     after = _new_logprob(tiny_lm)
     assert float(after.mean()) > float(before.mean())
     assert -float(after.mean()) == pytest.approx(result.losses[-1], abs=1e-4)  # the reported loss is the model's
     assert not any(p.requires_grad for p in tiny_lm.model.parameters())
     result.restore()
-    assert _same_weights(tiny_lm, snapshot)
+    assert saved.unchanged()
 
 
 def test_unconstrained_fine_tuning_stops_once_the_loss_is_low(tiny_lm: LoadedModel) -> None:
@@ -79,13 +70,13 @@ def test_unconstrained_fine_tuning_stops_once_the_loss_is_low(tiny_lm: LoadedMod
 def test_bad_batches_and_nan_updates_are_refused_with_no_weight_changed(
     tiny_lm: LoadedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    snapshot = _snapshot(tiny_lm)
+    saved = WeightSnapshot(tiny_lm)
     hp = FtHyperParams(layer=LAYER, steps=3)
     with pytest.raises(ConflictingRequestsError):
         apply_ft(tiny_lm, [REQUESTS[0], EditRequest("The {} is located in", "Eiffel Tower", "Berlin")], hp)
     with pytest.raises(InvalidRequestError):
         apply_ft(tiny_lm, [EditRequest("The {} is located in", "Eiffel Tower", "")], hp)
-    assert _same_weights(tiny_lm, snapshot)
+    assert saved.unchanged()
 
     def poisoned_clip(w: torch.Tensor, w0: torch.Tensor, eps: float) -> None:
         w[0, 0] = float("nan")
@@ -93,22 +84,15 @@ def test_bad_batches_and_nan_updates_are_refused_with_no_weight_changed(
     monkeypatch.setattr(ft_module, "clip_change", poisoned_clip)
     with pytest.raises(NonFiniteUpdateError):
         apply_ft(tiny_lm, REQUESTS, hp)
-    assert _same_weights(tiny_lm, snapshot)
+    assert saved.unchanged()
     assert not any(p.requires_grad for p in tiny_lm.model.parameters())
 
 
 def test_edits_applied_with_ft_restores(tiny_lm: LoadedModel) -> None:
-    snapshot = _snapshot(tiny_lm)
+    saved = WeightSnapshot(tiny_lm)
     with edits_applied(tiny_lm, REQUESTS, "ft", FtHyperParams(layer=LAYER, steps=3)):
-        assert not _same_weights(tiny_lm, snapshot)
-    assert _same_weights(tiny_lm, snapshot)
-
-
-@pytest.fixture
-def restored_smollm(smollm: LoadedModel) -> Iterator[LoadedModel]:
-    snapshot = _snapshot(smollm)
-    yield smollm
-    assert _same_weights(smollm, snapshot)
+        assert not saved.unchanged()
+    assert saved.unchanged()
 
 
 def test_bundled_defaults_raise_the_new_objects(restored_smollm: LoadedModel) -> None:

@@ -1,9 +1,8 @@
 """z optimisation (eq. 16) and MEMIT's Algorithm 1: tiny models of every family, then the bundled model."""
 
-from collections.abc import Iterator
-
 import pytest
 import torch
+from helpers import WeightSnapshot
 
 import memit_lab.memit as memit_module
 from memit_lab import LoadedModel
@@ -31,14 +30,6 @@ CONTEXTS = ("{}", "Paris is the capital of France. {}", "Hello. {}")
 # Tiny random models have small hidden states (norm ~0.3): the paper's weight decay, scaled by
 # 1/||h||^2, would dominate, so the tiny-model checks switch it and the KL term off.
 TINY_Z = ZParams(steps=10, lr=0.5, clamp=4.0, weight_decay=0.0, kl_weight=0.0)
-
-
-def _snapshot(lm: LoadedModel) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
-
-
-def _same_weights(lm: LoadedModel, snapshot: dict[str, torch.Tensor]) -> bool:
-    return all(torch.equal(v, snapshot[k]) for k, v in lm.model.state_dict().items())
 
 
 def _tiny_moments(lm: LoadedModel, layers: tuple[int, ...]) -> dict[int, torch.Tensor]:
@@ -129,7 +120,7 @@ def _tiny_hparams(lm: LoadedModel) -> MemitHyperParams:
 
 
 def test_edit_changes_prediction_reaches_z_and_restores_bit_for_bit(tiny_lm: LoadedModel) -> None:
-    snapshot = _snapshot(tiny_lm)
+    saved = WeightSnapshot(tiny_lm)
     texts = [r.text for r in REQUESTS]
     before = tiny_lm.model(**tiny_lm.tokenizer(texts[:1], return_tensors="pt")).logits[0, -1].softmax(-1)
     moments = _tiny_moments(tiny_lm, (0, 1))
@@ -145,10 +136,10 @@ def test_edit_changes_prediction_reaches_z_and_restores_bit_for_bit(tiny_lm: Loa
     assert result.z is not None
     torch.testing.assert_close(hidden_at_subject(tiny_lm, REQUESTS, 1), result.z.z, rtol=1e-3, atol=1e-3)
     assert result.residual_after < 1e-3 < result.residual_before[0]
-    changed = {k for k, v in tiny_lm.model.state_dict().items() if not torch.equal(v, snapshot[k])}
+    changed = saved.changed()
     assert changed == {tiny_lm.adapter.w_out_module(layer) + ".weight" for layer in (0, 1)}
     result.restore()
-    assert _same_weights(tiny_lm, snapshot)
+    assert saved.unchanged()
 
 
 def test_each_layer_takes_its_share_of_the_residual(tiny_lm: LoadedModel) -> None:
@@ -166,6 +157,41 @@ def test_each_layer_takes_its_share_of_the_residual(tiny_lm: LoadedModel) -> Non
     result.restore()
 
 
+def test_shared_targets_give_the_weights_of_a_run_of_its_own(tiny_lm: LoadedModel) -> None:
+    """z optimised once for a larger batch, then sliced, writes (nearly) the same Delta as MEMIT's own z."""
+    moments = _tiny_moments(tiny_lm, (0, 1))
+    hp = _tiny_hparams(tiny_lm)
+    saved = WeightSnapshot(tiny_lm)
+    own = apply_memit(tiny_lm, REQUESTS[1:], hp, second_moments=moments, contexts=CONTEXTS)
+    w_own = [tiny_lm.adapter.w_out_weight(tiny_lm.model, layer).detach().clone() for layer in (0, 1)]
+    own.restore()
+    pooled = optimise_z(tiny_lm, REQUESTS, 1, hp.z, contexts=CONTEXTS).select(range(1, len(REQUESTS)))
+    shared = apply_memit(tiny_lm, REQUESTS[1:], hp, second_moments=moments, targets=pooled)
+    for layer, w in zip((0, 1), w_own, strict=True):
+        torch.testing.assert_close(tiny_lm.adapter.w_out_weight(tiny_lm.model, layer), w, rtol=1e-4, atol=1e-6)
+    assert shared.z is pooled and not saved.unchanged()
+    shared.restore()
+    assert saved.unchanged()
+
+
+def test_targets_from_elsewhere_are_refused_with_no_weight_changed(tiny_lm: LoadedModel) -> None:
+    moments = _tiny_moments(tiny_lm, (0, 1))
+    hp = _tiny_hparams(tiny_lm)
+    z = optimise_z(tiny_lm, REQUESTS, 1, hp.z, contexts=CONTEXTS)
+    saved = WeightSnapshot(tiny_lm)
+    with pytest.raises(ValueError, match="L = 0"):  # optimised for another L
+        apply_memit(tiny_lm, REQUESTS, hp, layers=(0,), second_moments=moments, targets=z)
+    with pytest.raises(ValueError, match="other requests"):  # same count, other requests
+        apply_memit(tiny_lm, REQUESTS[::-1], hp, second_moments=moments, targets=z)
+    assert saved.unchanged()
+    with edits_applied(tiny_lm, REQUESTS[:1], hparams=hp, second_moments=moments, contexts=CONTEXTS):
+        edited = WeightSnapshot(tiny_lm)
+        with pytest.raises(ValueError, match="weights have changed"):  # z of the unedited model
+            apply_memit(tiny_lm, REQUESTS, hp, second_moments=moments, targets=z)
+        assert edited.unchanged()
+    assert saved.unchanged()
+
+
 @pytest.mark.parametrize(
     ("bad", "error"),
     [
@@ -178,10 +204,10 @@ def test_each_layer_takes_its_share_of_the_residual(tiny_lm: LoadedModel) -> Non
 def test_bad_batches_are_refused_with_no_weight_changed(
     tiny_lm: LoadedModel, bad: list[EditRequest], error: type[Exception]
 ) -> None:
-    snapshot = _snapshot(tiny_lm)
+    saved = WeightSnapshot(tiny_lm)
     with pytest.raises(error):
         apply_memit(tiny_lm, bad, _tiny_hparams(tiny_lm), second_moments=_tiny_moments(tiny_lm, (0, 1)))
-    assert _same_weights(tiny_lm, snapshot)
+    assert saved.unchanged()
 
 
 def test_nan_update_is_refused_with_no_weight_changed(tiny_lm: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -195,17 +221,17 @@ def test_nan_update_is_refused_with_no_weight_changed(tiny_lm: LoadedModel, monk
         return delta * float("nan") if len(calls) == 2 else delta
 
     monkeypatch.setattr(memit_module, "insertion_update", nan_on_second_layer)
-    snapshot = _snapshot(tiny_lm)
+    saved = WeightSnapshot(tiny_lm)
     with pytest.raises(NonFiniteUpdateError, match="layer 1"):
         apply_memit(
             tiny_lm, REQUESTS, _tiny_hparams(tiny_lm), second_moments=_tiny_moments(tiny_lm, (0, 1)), contexts=CONTEXTS
         )
     assert len(calls) == 2
-    assert _same_weights(tiny_lm, snapshot)
+    assert saved.unchanged()
 
 
 def test_edits_applied_restores_also_after_an_error(tiny_lm: LoadedModel) -> None:
-    snapshot = _snapshot(tiny_lm)
+    saved = WeightSnapshot(tiny_lm)
     moments = _tiny_moments(tiny_lm, (0, 1))
     inside = []
 
@@ -213,20 +239,20 @@ def test_edits_applied_restores_also_after_an_error(tiny_lm: LoadedModel) -> Non
         with edits_applied(
             tiny_lm, REQUESTS[:1], hparams=_tiny_hparams(tiny_lm), second_moments=moments, contexts=CONTEXTS
         ):
-            inside.append(_same_weights(tiny_lm, snapshot))
+            inside.append(saved.unchanged())
             raise KeyError("inside the block")
 
     with pytest.raises(KeyError, match="inside the block"):
         edit_then_fail()
     assert inside == [False]
-    assert _same_weights(tiny_lm, snapshot)
+    assert saved.unchanged()
 
 
 def test_missing_second_moment_is_refused_before_anything_changes(tiny_lm: LoadedModel) -> None:
-    snapshot = _snapshot(tiny_lm)
+    saved = WeightSnapshot(tiny_lm)
     with pytest.raises(ValueError, match="every layer"):
         apply_memit(tiny_lm, REQUESTS, _tiny_hparams(tiny_lm), second_moments={0: torch.eye(tiny_lm.d_mlp)})
-    assert _same_weights(tiny_lm, snapshot)
+    assert saved.unchanged()
 
 
 # --- the bundled model -----------------------------------------------------------------------------------------
@@ -239,13 +265,6 @@ def _counterfactuals(facts: list[Fact]) -> list[EditRequest]:
         pool = [g for g in KNOWN_FACTS if g.relation == f.relation and g.target != f.target]
         out.append(request_from_fact(f, pool[i % len(pool)].target))
     return out
-
-
-@pytest.fixture
-def restored_smollm(smollm: LoadedModel) -> Iterator[LoadedModel]:
-    snapshot = {i: smollm.adapter.w_out_parameter(smollm.model, i).detach().clone() for i in range(smollm.n_layers)}
-    yield smollm
-    assert all(torch.equal(smollm.adapter.w_out_parameter(smollm.model, i), w) for i, w in snapshot.items())
 
 
 def test_ten_known_facts_edited_at_once(restored_smollm: LoadedModel) -> None:

@@ -1,10 +1,9 @@
 """ROME (one layer, rank one, equality-constrained, applied in sequence): tiny models of every family, then the bundled
 model."""
 
-from collections.abc import Iterator
-
 import pytest
 import torch
+from helpers import WeightSnapshot
 
 import memit_lab.rome as rome_module
 from memit_lab import LoadedModel
@@ -26,14 +25,6 @@ LAYER = 1
 TINY = RomeHyperParams(layer=LAYER, z=ZParams(steps=8, clamp=4.0, weight_decay=0.0, kl_weight=0.0))
 
 
-def _snapshot(lm: LoadedModel) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
-
-
-def _same_weights(lm: LoadedModel, snapshot: dict[str, torch.Tensor]) -> bool:
-    return all(torch.equal(v, snapshot[k]) for k, v in lm.model.state_dict().items())
-
-
 def _moments(lm: LoadedModel) -> dict[int, torch.Tensor]:
     return key_second_moment(lm, [LAYER], n_tokens=512, progress=False, use_cache=False)
 
@@ -48,7 +39,7 @@ def test_update_writes_delta_exactly_on_the_averaged_key(tiny_lm: LoadedModel) -
     The reference's mix (averaged key in C^-1 k, bare key in the denominator) would scale Delta k by
     (k . C^-1 k) / (k_bare . C^-1 k) and fail this.
     """
-    snapshot = _snapshot(tiny_lm)
+    saved = WeightSnapshot(tiny_lm)
     key = edit_keys(tiny_lm, REQUESTS[:1], LAYER, CONTEXTS)[:, 0].double()
     w0 = _w(tiny_lm)
     result = apply_rome(tiny_lm, REQUESTS[:1], TINY, second_moments=_moments(tiny_lm), contexts=CONTEXTS)
@@ -56,10 +47,10 @@ def test_update_writes_delta_exactly_on_the_averaged_key(tiny_lm: LoadedModel) -
     wanted = result.z[0].delta[0].double()
     torch.testing.assert_close(delta_w @ key, wanted, rtol=1e-4, atol=1e-5 * float(wanted.norm()))
     assert int(torch.linalg.matrix_rank(delta_w, rtol=1e-5)) == 1
-    changed = {k for k, v in tiny_lm.model.state_dict().items() if not torch.equal(v, snapshot[k])}
+    changed = saved.changed()
     assert changed == {tiny_lm.adapter.w_out_module(LAYER) + ".weight"}
     result.restore()
-    assert _same_weights(tiny_lm, snapshot)
+    assert saved.unchanged()
 
 
 def test_bare_prompt_reaches_z_and_prediction_moves(tiny_lm: LoadedModel) -> None:
@@ -94,14 +85,14 @@ def test_each_edit_is_made_on_the_model_the_previous_one_left(tiny_lm: LoadedMod
 def test_bad_batches_and_nan_updates_are_refused_with_no_weight_changed(
     tiny_lm: LoadedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    snapshot = _snapshot(tiny_lm)
+    saved = WeightSnapshot(tiny_lm)
     moments = _moments(tiny_lm)
     conflicting = [REQUESTS[0], EditRequest("The {} is located in", "Eiffel Tower", "Berlin")]
     with pytest.raises(ConflictingRequestsError):
         apply_rome(tiny_lm, conflicting, TINY, second_moments=moments)
     with pytest.raises(InvalidRequestError):
         apply_rome(tiny_lm, [EditRequest("The Eiffel Tower is in", "Eiffel Tower", "Rome")], TINY)
-    assert _same_weights(tiny_lm, snapshot)
+    assert saved.unchanged()
 
     real = rome_module.rome_rank_one_update
     calls: list[int] = []
@@ -115,24 +106,17 @@ def test_bad_batches_and_nan_updates_are_refused_with_no_weight_changed(
     with pytest.raises(NonFiniteUpdateError):
         apply_rome(tiny_lm, REQUESTS, TINY, second_moments=moments, contexts=CONTEXTS)
     assert len(calls) == 2  # the first edit was applied, and undone
-    assert _same_weights(tiny_lm, snapshot)
+    assert saved.unchanged()
 
 
 def test_edits_applied_with_rome_restores(tiny_lm: LoadedModel) -> None:
-    snapshot = _snapshot(tiny_lm)
+    saved = WeightSnapshot(tiny_lm)
     with edits_applied(tiny_lm, REQUESTS, "rome", TINY, second_moments=_moments(tiny_lm), contexts=CONTEXTS):
-        assert not _same_weights(tiny_lm, snapshot)
-    assert _same_weights(tiny_lm, snapshot)
+        assert not saved.unchanged()
+    assert saved.unchanged()
 
 
 # --- the bundled model -----------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def restored_smollm(smollm: LoadedModel) -> Iterator[LoadedModel]:
-    snapshot = _snapshot(smollm)
-    yield smollm
-    assert _same_weights(smollm, snapshot)
 
 
 def test_four_known_facts_edited_in_sequence(restored_smollm: LoadedModel) -> None:

@@ -15,12 +15,17 @@ import matplotlib
 import pytest
 import torch
 
+import memit_lab.tracing as tracing_module
 from memit_lab import LoadedModel, SubjectNotFoundError, load_model
 from memit_lab.cache import write_manifest
 from memit_lab.cli import main
-from memit_lab.facts import KNOWN_FACTS
+from memit_lab.facts import KNOWN_FACTS, Fact
+from memit_lab.memit import MODEL_DEFAULTS as MEMIT_DEFAULTS
+from memit_lab.memit import MemitHyperParams, default_layers
+from memit_lab.residual import resolve_target
 from memit_lab.tracing import (
     CATEGORIES,
+    NoTraceableFactsError,
     average_indirect_effect,
     category_positions,
     embedding_noise,
@@ -61,6 +66,18 @@ def test_batched_grid_equals_the_per_cell_loop(tiny_lm: LoadedModel, kind: str, 
     slow = trace(tiny_lm, PROMPT, SUBJECT, batched=False, **kwargs)  # type: ignore[arg-type]
     _assert_same_grid(fast.scores, slow.scores)
     assert (fast.clean_prob, fast.corrupted_prob) == (slow.clean_prob, slow.corrupted_prob)
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_progress_is_reported_after_every_token_column(tiny_lm: LoadedModel, batched: bool) -> None:
+    seen: list[float] = []
+    traced = trace(tiny_lm, PROMPT, SUBJECT, window=2, samples=1, batched=batched, on_progress=seen.append)
+    n_pos = len(traced.tokens)
+    assert seen == pytest.approx([(i + 1) / n_pos for i in range(n_pos)])
+    seen.clear()
+    trace_all(tiny_lm, PROMPT, SUBJECT, kinds=("hidden", "mlp"), window=2, samples=1, on_progress=seen.append)
+    assert len(seen) == 2 * n_pos and seen == sorted(seen)
+    assert seen[n_pos - 1] == pytest.approx(0.5) and seen[-1] == pytest.approx(1.0)
 
 
 def test_batched_equals_per_cell_on_the_bundled_model(smollm: LoadedModel) -> None:
@@ -260,6 +277,39 @@ def test_recommend_layers_picks_the_strongest_window_and_caches_it(
     with pytest.raises(ValueError, match="n=4 layers do not fit"):
         recommend_layers(lm, facts, n=4)
     matplotlib.pyplot.close(rec.plot())
+
+
+def test_memit_defaults_take_their_layers_from_tracing(
+    smollm: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("MEMIT_LAB_CACHE", str(tmp_path))
+    lm = load_model("tiny-gptj")
+    n = len(default_layers(lm.n_layers))
+    usable = [f for f in KNOWN_FACTS[::4] if _first_token_ok(lm, f)]
+    assert 0 < len(usable) < len(KNOWN_FACTS[::4])  # the tiny vocabulary spells some objects letter by letter
+    expected = recommend_layers(lm, usable, n=n, use_cache=False)
+    assert MemitHyperParams.for_model(lm).layers == expected.layers
+    assert len(list((tmp_path / "tracing").glob("layers-*/recommendation.json"))) == 1  # traced once, then read
+    # The bundled model keeps its measured defaults; a vocabulary without any traceable object falls back.
+    assert MemitHyperParams.for_model(smollm) is MEMIT_DEFAULTS["smollm2-135m"]
+    monkeypatch.setattr(tracing_module, "resolve_target", _never_a_token)
+    with caplog.at_level("WARNING"):
+        assert MemitHyperParams.for_model(lm).layers == default_layers(lm.n_layers)
+    assert "pass facts=[...]" in caplog.text
+    with pytest.raises(NoTraceableFactsError):
+        recommend_layers(lm, n=n, use_cache=False)
+
+
+def _first_token_ok(lm: LoadedModel, fact: Fact) -> bool:
+    try:
+        resolve_target(lm, fact.prompt, fact.target)
+    except ValueError:
+        return False
+    return True
+
+
+def _never_a_token(*args: object) -> None:
+    raise ValueError("no token of its own")
 
 
 def test_cli_trace_prints_peaks_and_writes_the_figure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

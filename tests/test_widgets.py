@@ -118,11 +118,19 @@ def test_trace_explorer_answers_bad_input_with_a_message(
 def test_trace_explorer_shows_the_library_trace_and_reports_progress(gpt2: LoadedModel) -> None:
     state = _state(gpt2)
     seen: list[float] = []
-    result = run_trace(state, PROMPT, SUBJECT, "mlp", 1, progress=lambda what, done: seen.append(done))
+    said: list[str] = []
+
+    def report(what: str, done: float) -> None:
+        said.append(what)
+        seen.append(done)
+
+    result = run_trace(state, PROMPT, SUBJECT, "mlp", 1, progress=report)
     assert isinstance(result, TraceView)
     direct = trace(gpt2, PROMPT, SUBJECT, kind="mlp", window=gpt2.n_layers, samples=1)
     assert torch.equal(result.trace.scores, direct.scores)
     assert seen == sorted(seen) and seen[-1] == 1.0
+    # the start, then one report per token column of the grid, then the layer choice
+    assert sum(what.startswith("tracing") for what in said) == 1 + len(direct.tokens)
     assert result.layers == LIGHT.layers and result.rome_layer == LIGHT_ROME.layer
     assert result.fact_layers == recommend_layers(gpt2, [direct], 2, samples=1, use_cache=False).layers
 
