@@ -171,6 +171,9 @@ class MemitHyperParams:
 #: capitals and CEOs of memit_lab.limitations in one batch): residual left at L 0.84 at 15,000 vs 0.19 at 1,500;
 #: P(new object) 0.00-0.01 vs 0.94-0.99 on the capitals; mean P(true) of 20 unrelated known facts 0.495 unedited,
 #: 0.514 at 15,000, 0.523 at 1,500 (untouched). The z settings are the paper's GPT-J values.
+#: Layers, measured since (bench/memit.py part 4, 50 known facts, CounterFact %; unedited NS 90.0): R = 3-7 gives
+#: S 87.1, ES 94.0, PS 92.0, NS 77.2; causal tracing's recommendation R = 0-4 (notebook 02) gives S 89.9, ES 94.0,
+#: PS 95.0, NS 82.0. The default stays 3-7 until every notebook is re-run with 0-4 (their outputs depend on it).
 MODEL_DEFAULTS: dict[str, MemitHyperParams] = {
     "smollm2-135m": MemitHyperParams(layers=(3, 4, 5, 6, 7), lam=1_500.0),
 }

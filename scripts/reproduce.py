@@ -119,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         f"# Results: the paper's experiments on SmolLM2-135M (scale `{plan.scale}`)\n\n"
         f"Written by `scripts/reproduce.py` (`make reproduce`; `MEMIT_LAB_SCALE=full` for the full scale). "
         f"Sizes: {plan}.\n\nMachine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-        f"device {args.device}; wall times include everything else running on the machine.\n\n{timing}\n\n"
+        f"device {args.device}; wall times include everything else running on the machine. Edit runs already in "
+        f"the cache (from the notebooks or an interrupted run) are read, not recomputed: a step's time counts only "
+        f"what this run computed, the edit times in the tables are those of the runs themselves.\n\n{timing}\n\n"
         + "\n".join(sections)
     )
     (out / "README.md").write_text(readme)
