@@ -414,22 +414,14 @@ def _cell_states(
     return [("hidden", layer, pos)], frozen
 
 
-def _grid_per_cell(
-    lm: LoadedModel,
-    setup: _Setup,
-    kind: str,
-    window: int,
-    severed: str | None,
-    positions: Sequence[int],
-    on_progress: Callable[[float], None],
+def _column_per_cell(
+    lm: LoadedModel, setup: _Setup, kind: str, window: int, severed: str | None, pos: int
 ) -> torch.Tensor:
-    scores = torch.full((lm.n_layers, setup.n_pos), math.nan, dtype=torch.float64)
-    for done, pos in enumerate(positions, 1):
-        for layer in range(lm.n_layers):
-            restore, freeze = _cell_states(lm, kind, layer, pos, window, severed)
-            scores[layer, pos] = _patched_prob(lm, setup, restore, freeze)
-        on_progress(done / len(positions))
-    return scores
+    """The reference: one forward pass (over the noise samples) per layer of the column."""
+    probs = [
+        _patched_prob(lm, setup, *_cell_states(lm, kind, layer, pos, window, severed)) for layer in range(lm.n_layers)
+    ]
+    return torch.tensor(probs, dtype=torch.float64)
 
 
 # -- the fast grid: each restoration computed only where it changes something -----------------------------------
@@ -574,23 +566,30 @@ def _block_edit(
     return _module_name(lm, module, b), edit
 
 
-def _grid_fast(
+def _column_batched(
+    lm: LoadedModel, setup: _Setup, kind: str, window: int, severed: str | None, pos: int
+) -> torch.Tensor:
+    # Before the subject the clean and corrupted runs agree: restoring there changes nothing.
+    if pos < setup.span[0]:
+        return torch.full((lm.n_layers,), _prob(setup.corrupt.logits, setup.target_id), dtype=torch.float64)
+    return _column_fast(lm, setup, kind, window, severed, pos)
+
+
+def _grid(
     lm: LoadedModel,
     setup: _Setup,
     kind: str,
     window: int,
     severed: str | None,
     positions: Sequence[int],
+    batched: bool,
     on_progress: Callable[[float], None],
-) -> torch.Tensor:
+) -> Float[torch.Tensor, "layer pos"]:
+    """Scores of every (layer, position) cell asked for, column by column (NaN elsewhere)."""
+    column = _column_batched if batched else _column_per_cell
     scores = torch.full((lm.n_layers, setup.n_pos), math.nan, dtype=torch.float64)
-    corrupted = _prob(setup.corrupt.logits, setup.target_id)
     for done, pos in enumerate(positions, 1):
-        # Before the subject the clean and corrupted runs agree: restoring there changes nothing.
-        if pos < setup.span[0]:
-            scores[:, pos] = corrupted
-        else:
-            scores[:, pos] = _column_fast(lm, setup, kind, window, severed, pos)
+        scores[:, pos] = column(lm, setup, kind, window, severed, pos)
         on_progress(done / len(positions))
     return scores
 
@@ -703,7 +702,6 @@ def _result(
     wanted = list(range(setup.n_pos)) if positions is None else list(positions)
     if not all(isinstance(p, int) and 0 <= p < setup.n_pos for p in wanted):
         raise ValueError(f"positions must be token positions 0..{setup.n_pos - 1}, got {positions!r}")
-    grid = _grid_fast if batched else _grid_per_cell
     return CausalTrace(
         prompt=prompt,
         subject=subject,
@@ -714,7 +712,7 @@ def _result(
         kind=kind,
         window=window,
         severed=severed,
-        scores=grid(lm, setup, kind, window, severed, wanted, on_progress),
+        scores=_grid(lm, setup, kind, window, severed, wanted, batched, on_progress),
         clean_prob=_prob(setup.clean.logits, setup.target_id),
         corrupted_prob=_prob(setup.corrupt.logits, setup.target_id),
         noise=setup.scale,
