@@ -26,8 +26,8 @@ Example:
     >>> view = run_trace(state, "The Eiffel Tower is in", "Eiffel Tower", kind="hidden", samples=1)
     >>> view.trace.scores.shape == (state.lm.n_layers, len(view.trace.tokens))  # one row per layer, column per token
     True
-    >>> view.layers, view.rome_layer  # the recommended edit layers: MEMIT's, ROME's
-    ((0, 1), 1)
+    >>> view.layers, view.rome_layer  # the default edit layers: MEMIT's (from causal tracing), ROME's
+    ((1, 2), 1)
 """
 
 from __future__ import annotations
