@@ -509,12 +509,14 @@ def scaling_sweep(
     # the smaller ones take their prefix of it.
     order = {m: ns[::-1] if m == "memit" else ns for m in methods}
     cells = [("unedited", ns[-1])] + [(m, n) for m in methods if m != "unedited" for n in order[m]]
-    memit_hp = (hparams or {}).get("memit") or default_hparams(lm, "memit")
-    pool = TargetPool(lm, records[: ns[-1]], memit_hp.z)
+    top, pool = 0, None
+    if "memit" in methods:  # (the defaults of a model without measured ones cost a causal trace)
+        memit_hp = (hparams or {}).get("memit") or default_hparams(lm, "memit")
+        top, pool = memit_hp.layers[-1], TargetPool(lm, records[: ns[-1]], memit_hp.z)
     frames, seconds = [], []
     for method, n in tqdm(cells, desc="sweep", disable=not progress):
         settings = (hparams or {}).get(method)
-        shared = pool.lazy(records[:n], memit_hp.layers[-1]) if method == "memit" else None
+        shared = pool.lazy(records[:n], top) if pool is not None and method == "memit" else None
         frame = cached_run(
             lm, records[:n], method, hparams=settings, generation=generation, max_new_tokens=max_new_tokens,
             targets=shared, cache=cache,
