@@ -101,12 +101,12 @@ def _tour_edit(lm: LoadedModel, args: argparse.Namespace) -> None:
     from .datasets import load_factset
     from .experiments import edit_demo
     from .memit import MemitHyperParams
-    from .tracing import recommend_layers
+    from .tracing import NoTraceableFactsError, recommend_layers
 
     defaults = MemitHyperParams.for_model(lm)
     try:
         rec = recommend_layers(lm, n=len(defaults.layers), samples=args.samples)
-    except ValueError as err:  # the traced facts do not suit this model's vocabulary
+    except NoTraceableFactsError as err:
         layers = defaults.layers
         print(f"\n3. Which layers to edit? Tracing the known facts failed ({err}); using {layers}.")
     else:
@@ -114,7 +114,7 @@ def _tour_edit(lm: LoadedModel, args: argparse.Namespace) -> None:
         print(
             f"\n3. Which layers to edit? Averaged over {rec.per_fact.shape[0]} known facts, the {rec.n} MLP layers "
             f"that bring back the most are R = {layers[0]}-{layers[-1]} (effect {float(rec.effect.max()):.2f}); "
-            f"this model's measured default is {defaults.layers[0]}-{defaults.layers[-1]}."
+            f"MemitHyperParams.for_model's default for this model is {defaults.layers[0]}-{defaults.layers[-1]}."
         )
     records = load_factset(known=True, n=args.edits)
     hparams = defaults.replace(layers=layers, stats_tokens=args.stats_tokens or defaults.stats_tokens)

@@ -127,8 +127,8 @@ def relation_study(
     if short or n < 1:
         raise ValueError(f"need n >= 1 records of every relation; these have fewer than n={n}: {short}")
     hparams = hparams or default_hparams(lm, "memit")
-    runs = [("alone", g) for g in groups.values()] + ([("mixed", interleave(list(groups.values())))] if mixed else [])
     everything = interleave(list(groups.values()))
+    runs = [("alone", g) for g in groups.values()] + ([("mixed", everything)] if mixed else [])
     pool = TargetPool(lm, everything, hparams.z)  # alone or mixed, a request's z is the same
     frames = [cached_run(lm, everything, "unedited", cache=cache).assign(condition="unedited")]
     for condition, batch in tqdm(runs, desc="relation study", disable=not progress):
