@@ -151,6 +151,11 @@ def compare_z(lm: LoadedModel, requests: Sequence[EditRequest], layer: int, para
     print(f"max |z difference|: {(z_ref - res.z).abs().max().item():.2e} (max |z| {res.z.abs().max().item():.1f})")
 
 
+def scores_text(scores: Any) -> str:
+    """S, ES, PS, NS of a CounterFact summary (x 100) on one line."""
+    return "  ".join(f"{c} {scores[c]:5.1f}" for c in ("S", "ES", "PS", "NS"))
+
+
 # --- part 2: MEMIT end to end, in a fresh process per size (so the peak memory is its own) ----------------------
 
 
@@ -189,10 +194,9 @@ def end_to_end(n: int, quality: bool) -> None:
     print(f"{n} edits end to end: {out['total']:.1f} s ({out['total'] / n:.2f} s/edit; {phases})")
     print(f"   peak memory (VmHWM of its process): {out['peak_gb']:.2f} GB (after loading: {out['load_gb']:.2f} GB)")
     if quality:
-        cols = ["S", "ES", "PS", "NS"]
         print(f"   quality at {n} edits (CounterFact %):")
         for name in ("unedited", "edited"):
-            print(f"     {name:9} " + "  ".join(f"{c} {out[name][c]:5.1f}" for c in cols))
+            print(f"     {name:9} {scores_text(out[name])}")
         ns_gap = out["edited"]["NS"] - out["unedited"]["NS"]
         print(
             f"   goals: ES >= 95: {out['edited']['ES']:.1f}; PS >= 80: {out['edited']['PS']:.1f}; "
@@ -208,7 +212,7 @@ def compare_layers(ranges: Sequence[str], n: int) -> None:
     records = load_factset(known=True, n=n)
     requests = [edit_request(r) for r in records]
     unedited = counterfact_summary(counterfact_scores(lm, records, progress=False))
-    print(f"   {'unedited':9} " + "  ".join(f"{c} {unedited[c]:5.1f}" for c in ("S", "ES", "PS", "NS")))
+    print(f"   {'unedited':9} {scores_text(unedited)}")
     for text in ranges:
         lo, _, hi = text.partition("-")
         layers = tuple(range(int(lo), int(hi or lo) + 1))
@@ -217,10 +221,7 @@ def compare_layers(ranges: Sequence[str], n: int) -> None:
         took = time.perf_counter() - start
         scores = counterfact_summary(counterfact_scores(lm, records, progress=False))
         result.restore()
-        print(
-            f"   R={text:7} " + "  ".join(f"{c} {scores[c]:5.1f}" for c in ("S", "ES", "PS", "NS"))
-            + f"  (residual left at L {result.residual_after:.2f}, {took:.0f} s)"
-        )  # fmt: skip
+        print(f"   R={text:7} {scores_text(scores)}  (residual left at L {result.residual_after:.2f}, {took:.0f} s)")
 
 
 def main() -> None:
