@@ -161,7 +161,7 @@ PLANS: dict[str, Plan] = {
         per_relation=4,
         tradeoff_n=8,
         lams=(1.5e3, 1.5e4, 1.5e5),
-        layer_ranges=((7,), (3, 4, 5, 6, 7)),
+        layer_ranges=((4,), (0, 1, 2, 3, 4)),
     ),
     "full": Plan(
         scale="full",
@@ -173,7 +173,7 @@ PLANS: dict[str, Plan] = {
         per_relation=15,
         tradeoff_n=50,
         lams=(1.5e2, 1.5e3, 1.5e4, 1.5e5, 1.5e6),
-        layer_ranges=((7,), (5, 6, 7), (3, 4, 5, 6, 7), (1, 2, 3, 4, 5, 6, 7)),
+        layer_ranges=((4,), (2, 3, 4), (0, 1, 2, 3, 4), (3, 4, 5, 6, 7)),
     ),
 }
 

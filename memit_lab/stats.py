@@ -69,7 +69,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Default sample size: about 20 s for layers 3-7 of the bundled model on 2 CPU cores; see
+#: Default sample size: about 20 s for five layers of the bundled model on 2 CPU cores; see
 #: ``notebooks/03_key_value_memory.ipynb`` for how the estimate converges.
 DEFAULT_N_TOKENS = 20_000
 _FILE = "second_moment.safetensors"

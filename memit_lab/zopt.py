@@ -20,6 +20,8 @@ How it is made fast (none of it changes the optimum):
   (all layers) and everything up to layer L (all tokens) is computed **once**, without
   gradients: the tokens before the last subject token become a key/value cache, and each
   Adam step runs only blocks L+1..end on the tokens from the last subject token on;
+* rows are grouped by the length of that suffix, one pass per length, so no step computes
+  padding (a prompt's KL row is one token long, its target prompts several);
 * logits are computed only where a target token is predicted (and, for the KL term, at
   one position), never for the whole vocabulary at every position;
 * all requests of a chunk share one forward/backward pass; the loss is the *sum* of the
@@ -278,11 +280,13 @@ def _block_calls(blocks: Sequence[nn.Module]) -> Iterator[list[tuple[tuple[Any, 
 
 
 @dataclass
-class _Chunk:
-    """What a chunk's Adam steps need, computed once without gradients.
+class _Group:
+    """Rows of a chunk whose suffixes have one length, with what their Adam steps need, computed once.
 
-    Rows are prompts; ``owner[row]`` is the request (within the chunk) a row belongs to.
-    The suffix of a row starts at its last subject token (suffix position 0).
+    Rows are prompts; ``owner[row]`` is the request (within the chunk) a row belongs to. The
+    suffix of a row starts at its last subject token (suffix position 0). Grouping rows by
+    suffix length means no step computes padding (one batch of all rows padded to the
+    longest suffix spent about a third of its work on padding on the bundled model).
     """
 
     owner: torch.Tensor  # [rows]
@@ -293,7 +297,16 @@ class _Chunk:
     prefix_kv: tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]] | None
     predict_at: list[tuple[int, ...]]  # suffix positions, per row
     target_ids: list[tuple[int, ...]]
-    kl_init: torch.Tensor  # [requests, vocab] log-probs of the unedited model (KL rows)
+    final: torch.Tensor  # [rows, d_model] the unedited model's last hidden state at suffix position 0
+
+
+@dataclass
+class _Chunk:
+    """The requests optimised together: their prompt rows in groups, and per-request constants."""
+
+    groups: list[_Group]
+    n_prompts: torch.Tensor  # [requests] target prompts per request (the NLL is their mean)
+    kl_init: torch.Tensor  # [requests, vocab] log-probs of the unedited model at the KL prompt
     h0: torch.Tensor  # [requests, d_model] bare-prompt h^L at the subject's last token
 
 
@@ -336,22 +349,12 @@ def _prefix_cache(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, pos: t
 
 
 @torch.no_grad()
-def _prepare(
-    lm: LoadedModel, requests: Sequence[EditRequest], layer: int, contexts: Sequence[str], params: ZParams
-) -> _Chunk:
-    prompts: list[TokenisedPrompt] = []
-    owner, is_kl = [], []
-    for i, r in enumerate(requests):
-        for context in contexts:
-            prompts.append(tokenise_prompt(lm, r, context, r.target_new))
-            owner.append(i)
-            is_kl.append(False)
-        kl_request = EditRequest(params.kl_template, r.subject, r.target_new)
-        prompts.append(tokenise_prompt(lm, kl_request, "{}", None))
-        owner.append(i)
-        is_kl.append(True)
-    pad = lm.tokenizer.pad_token_id
-    ids_p, mask_p, pos_p, ids_s, mask_s, pos_s = _layout(prompts, lm.device, pad)
+def _prepare_group(
+    lm: LoadedModel, prompts: Sequence[TokenisedPrompt], owner: Sequence[int], is_kl: Sequence[bool], layer: int
+) -> _Group:
+    """One pass of the unedited model over ``prompts``: the prefixes' key/value cache, block L's output
+    on the suffixes, and each block's call above L (to replay with delta added)."""
+    ids_p, mask_p, pos_p, ids_s, mask_s, pos_s = _layout(prompts, lm.device, lm.tokenizer.pad_token_id)
     cache = _prefix_cache(lm, ids_p, mask_p, pos_p) if ids_p.shape[1] else None
     prefix_kv = None
     if cache is not None:
@@ -368,44 +371,89 @@ def _prepare(
             **({"cache": cache, "use_cache": True} if cache is not None else {}),
         )
     assert trace.output is not None
-    owner_t = torch.tensor(owner, device=lm.device)
-    kl_t = torch.tensor(is_kl, device=lm.device)
-    final = out.last_hidden_state[:, 0]
-    unembed = lm.model.get_submodule(lm.adapter.unembed)
-    kl_init = unembed(final[kl_t]).float().log_softmax(-1)
-    bare = torch.tensor([contexts.index("{}") + i * (len(contexts) + 1) for i in range(len(requests))])
-    return _Chunk(
-        owner=owner_t,
-        is_kl=kl_t,
+    return _Group(
+        owner=torch.tensor(owner, device=lm.device),
+        is_kl=torch.tensor(is_kl, device=lm.device),
         h_suffix=trace.output,
         calls=calls,
         cache=cache,
         prefix_kv=prefix_kv,
         predict_at=[tuple(t - p.subject_last for t in p.predict_at) for p in prompts],
         target_ids=[p.target_ids for p in prompts],
-        kl_init=kl_init,
-        h0=trace.output[bare.to(lm.device), 0].float(),
+        final=out.last_hidden_state[:, 0],
     )
 
 
+def _group_rows(lengths: Sequence[int], waste: float = 0.15) -> list[list[int]]:
+    """Rows grouped by suffix length: neighbouring lengths share a group while padding stays under ``waste``
+    of its tokens (one pass per length would run many small matrix products, slower per token).
+
+    Example:
+        >>> _group_rows([1, 5, 5, 1, 6, 9], waste=0.2)
+        [[0, 3], [1, 2, 4], [5]]
+    """
+    order = sorted(range(len(lengths)), key=lambda r: lengths[r])
+    groups: list[list[int]] = []
+    for row in order:
+        if groups:
+            group = groups[-1]
+            padded = lengths[row] * (len(group) + 1)
+            if padded - sum(lengths[r] for r in group) - lengths[row] <= waste * padded:
+                group.append(row)
+                continue
+        groups.append([row])
+    return groups
+
+
+@torch.no_grad()
+def _prepare(
+    lm: LoadedModel, requests: Sequence[EditRequest], layer: int, contexts: Sequence[str], params: ZParams
+) -> _Chunk:
+    """Tokenise every request's prompts (one per context, then its KL prompt) and prepare them in groups."""
+    prompts: list[TokenisedPrompt] = []
+    owner, is_kl, bare, kl_row = [], [], [], []
+    for i, r in enumerate(requests):
+        for context in contexts:
+            if context == "{}":
+                bare.append(len(prompts))
+            prompts.append(tokenise_prompt(lm, r, context, r.target_new))
+            owner.append(i)
+            is_kl.append(False)
+        kl_row.append(len(prompts))
+        prompts.append(tokenise_prompt(lm, EditRequest(params.kl_template, r.subject, r.target_new), "{}", None))
+        owner.append(i)
+        is_kl.append(True)
+    groups, where = [], {}
+    for rows in _group_rows([len(p.ids) - p.subject_last for p in prompts]):
+        where.update({row: (len(groups), j) for j, row in enumerate(rows)})
+        groups.append(
+            _prepare_group(lm, [prompts[r] for r in rows], [owner[r] for r in rows], [is_kl[r] for r in rows], layer)
+        )
+    h0 = torch.stack([groups[g].h_suffix[j, 0] for g, j in map(where.__getitem__, bare)]).float()
+    final = torch.stack([groups[g].final[j] for g, j in map(where.__getitem__, kl_row)])
+    unembed = lm.model.get_submodule(lm.adapter.unembed)
+    n_prompts = torch.full((len(requests),), float(len(contexts)), device=lm.device)
+    return _Chunk(groups=groups, n_prompts=n_prompts, kl_init=unembed(final).float().log_softmax(-1), h0=h0)
+
+
 def _replay(
-    lm: LoadedModel, chunk: _Chunk, layer: int, rows: torch.Tensor, delta: torch.Tensor
+    lm: LoadedModel, group: _Group, layer: int, rows: torch.Tensor, delta: torch.Tensor
 ) -> Float[torch.Tensor, "rows suffix d_model"]:
     """Blocks L+1..end on the suffixes of ``rows``, with ``delta[row]`` added at suffix position 0."""
-    batch = chunk.h_suffix.shape[0]
-    h = chunk.h_suffix.index_select(0, rows)
+    batch = group.h_suffix.shape[0]
+    h = group.h_suffix.index_select(0, rows)
     h = torch.cat([(h[:, :1].float() + delta[:, None]).to(h.dtype), h[:, 1:]], dim=1)
     cache = None
-    if chunk.prefix_kv is not None:
-        keys, values = chunk.prefix_kv
+    if group.prefix_kv is not None:
+        keys, values = group.prefix_kv
         cache = _FrozenPrefix(
             {i: k.index_select(0, rows) for i, k in keys.items()},
             {i: v.index_select(0, rows) for i, v in values.items()},
         )
-    for offset, (args, kwargs) in enumerate(chunk.calls):
+    for offset, (args, kwargs) in enumerate(group.calls):
         block = lm.model.get_submodule(lm.adapter.block(layer + 1 + offset))
-        args = tuple(cache if a is chunk.cache else _rows(a, rows, batch) for a in args[1:])
-        kwargs = {k: cache if v is chunk.cache else _rows(v, rows, batch) for k, v in kwargs.items()}
+        args = tuple(cache if a is group.cache else _rows(a, rows, batch) for a in args[1:])
+        kwargs = {k: cache if v is group.cache else _rows(v, rows, batch) for k, v in kwargs.items()}
         kwargs.pop("hidden_states", None)
         out = block(h, *args, **kwargs)
         h = out[0] if isinstance(out, tuple) else out
@@ -413,45 +461,43 @@ def _replay(
 
 
 def _losses(
-    lm: LoadedModel,
-    chunk: _Chunk,
-    rows: torch.Tensor,
-    h: torch.Tensor,
-    delta: torch.Tensor,
-    active: torch.Tensor,
-    params: ZParams,
+    lm: LoadedModel, chunk: _Chunk, layer: int, delta: torch.Tensor, active: torch.Tensor, params: ZParams
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per active request: NLL of the new object (mean over prompts of the per-token mean), KL, weight decay."""
+    """Per active request (``active`` ascending, ``delta[i]`` belongs to ``active[i]``): NLL of the new object
+    (mean over prompts of the per-token mean), the weighted KL term, the weighted decay term."""
     norm = lm.model.get_submodule(lm.adapter.final_norm)
     unembed = lm.model.get_submodule(lm.adapter.unembed)
-    row_list = rows.tolist()
-    slot = {int(r): i for i, r in enumerate(active.tolist())}
-    n = len(slot)
-    where_row, where_pos, targets, weights, owners = [], [], [], [], []
-    kl_rows, kl_owner = [], []
-    n_prompts = torch.zeros(n, device=h.device)
-    for j, row in enumerate(row_list):
-        o = slot[int(chunk.owner[row])]
-        if chunk.is_kl[row]:
-            kl_rows.append(j)
-            kl_owner.append(o)
+    n = active.shape[0]
+    nll = torch.zeros(n, device=delta.device)
+    kl = torch.zeros(n, device=delta.device)
+    for group in chunk.groups:
+        rows = torch.isin(group.owner, active).nonzero()[:, 0]
+        if not rows.numel():
             continue
-        n_prompts[o] += 1
-        pos = chunk.predict_at[row]
-        where_row += [j] * len(pos)
-        where_pos += list(pos)
-        targets += list(chunk.target_ids[row])
-        weights += [1.0 / len(pos)] * len(pos)
-        owners += [o] * len(pos)
-    picked = h[torch.tensor(where_row), torch.tensor(where_pos)]
-    logp = unembed(norm(picked)).float().log_softmax(-1)
-    token_nll = -logp.gather(1, torch.tensor(targets, device=h.device)[:, None])[:, 0]
-    weighted = token_nll * torch.tensor(weights, device=h.device)
-    nll = torch.zeros(n, device=h.device).index_add(0, torch.tensor(owners, device=h.device), weighted) / n_prompts
-    kl_h = unembed(norm(h[torch.tensor(kl_rows), 0])).float().log_softmax(-1)
-    init = chunk.kl_init[active]
-    kl = (kl_h.exp() * (kl_h - init)).sum(-1)
-    kl = torch.zeros(n, device=h.device).index_add(0, torch.tensor(kl_owner, device=h.device), kl)
+        slot = torch.searchsorted(active, group.owner[rows])
+        h = _replay(lm, group, layer, rows, delta[slot])
+        where_row, where_pos, targets, weights, owners, kl_rows = [], [], [], [], [], []
+        for j, (row, o) in enumerate(zip(rows.tolist(), slot.tolist(), strict=True)):
+            if group.is_kl[row]:
+                kl_rows.append(j)
+                continue
+            pos = group.predict_at[row]
+            where_row += [j] * len(pos)
+            where_pos += list(pos)
+            targets += list(group.target_ids[row])
+            weights += [1.0 / len(pos)] * len(pos)
+            owners += [o] * len(pos)
+        if targets:
+            logp = unembed(norm(h[torch.tensor(where_row), torch.tensor(where_pos)])).float().log_softmax(-1)
+            token_nll = -logp.gather(1, torch.tensor(targets, device=h.device)[:, None])[:, 0]
+            weighted = token_nll * torch.tensor(weights, device=h.device)
+            nll = nll.index_add(0, torch.tensor(owners, device=h.device), weighted)
+        if kl_rows:
+            kl_slot = slot[kl_rows]
+            kl_h = unembed(norm(h[torch.tensor(kl_rows), 0])).float().log_softmax(-1)
+            init = chunk.kl_init[active[kl_slot]]
+            kl = kl.index_add(0, kl_slot, (kl_h.exp() * (kl_h - init)).sum(-1))
+    nll = nll / chunk.n_prompts[active]
     wd = delta.norm(dim=-1) / chunk.h0[active].norm(dim=-1) ** 2
     return nll, params.kl_weight * kl, params.weight_decay * wd
 
@@ -468,12 +514,8 @@ def _optimise_chunk(
     max_norm = params.clamp * chunk.h0.norm(dim=-1)
     active = torch.arange(n, device=lm.device)
     for step in range(params.steps):
-        keep = torch.isin(chunk.owner, active)
-        rows = keep.nonzero()[:, 0]
         delta = torch.stack([deltas[int(i)] for i in active.tolist()])
-        slot = torch.searchsorted(active, chunk.owner[rows])
-        h = _replay(lm, chunk, layer, rows, delta[slot])
-        nll, kl, wd = _losses(lm, chunk, rows, h, delta, active, params)
+        nll, kl, wd = _losses(lm, chunk, layer, delta, active, params)
         loss = nll + kl + wd
         for o, i in enumerate(active.tolist()):
             curves[i].append(float(loss[o].detach()))

@@ -298,10 +298,11 @@ later, and the effect fades through the middle of the model. That is ROME's earl
 than in GPT-2 XL or GPT-J. The standard errors (over facts) show how sure the choice is: here the peak window is many
 standard errors above its neighbours, so the evidence points clearly at the first layers.
 
-memit_lab's default for the bundled model is still $R$ = 3–7 (`MemitHyperParams.for_model`), chosen earlier from a
-trace with 10-layer windows, whose peak centred on layer 4 spans layers 0–8. Whether 0–4 also *edits* better is a
-separate question that only measuring edits answers (efficacy, paraphrase, neighbourhood; notebook 04);
-`MemitHyperParams.from_tracing(lm)` builds the hyper-parameters from this recommendation for such a comparison.
+memit_lab's default for the bundled model is this recommendation, $R$ = 0–4 (`MemitHyperParams.for_model`). It was
+chosen by measuring edits, not by the trace alone: on the first 100 facts of the fact set edited at once,
+0–4 scores efficacy 96.0, paraphrase 94.5 and neighbourhood 73.4 %, against 94.0, 90.5 and 72.4 % for the earlier
+default 3–7 (the evidence is next to `memit_lab.memit.MODEL_DEFAULTS`). For any other model,
+`MemitHyperParams.for_model` runs this recommendation once and caches it.
 """)
 
 md(r"""

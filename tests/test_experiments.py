@@ -190,8 +190,9 @@ def test_memit_writes_ten_known_facts_and_run_edits_restores_every_weight(smollm
     edited = run_edits(smollm, records, "memit", progress=False)
     assert before.unchanged()
     assert unedited.es.mean() == 0.0  # known facts: the true object wins before
-    # The issue asks for ES = 1.0; measured 0.9 with the bundled defaults (lambda 750-15,000 and 25-50 z steps
-    # alike): "Facebook is a multinational company from" keeps preferring "the United States" over "Sweden".
+    # The issue asks for ES = 1.0; measured 0.9 with the bundled defaults (R = 3-7 and 0-4, lambda 750-15,000 and
+    # 25-50 z steps alike): "Facebook is a multinational company from" keeps preferring "the United States" over
+    # "Sweden".
     assert edited.es.mean() >= 0.9, list(edited.es)
     assert abs(edited.ns.mean() - unedited.ns.mean()) <= 0.1, (edited.ns.mean(), unedited.ns.mean())
     assert edited.attrs["edit_seconds"] > 0 and set(edited.attrs["edit_phases"]) >= {"z", "keys", "solve"}

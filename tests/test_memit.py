@@ -19,7 +19,7 @@ from memit_lab.memit import (
 from memit_lab.prompts import target_scores, top_predictions
 from memit_lab.requests import ConflictingRequestsError, EditRequest, InvalidRequestError, request_from_fact
 from memit_lab.stats import key_second_moment
-from memit_lab.zopt import ZParams, _losses, _prepare, _replay, optimise_z, tokenise_prompt
+from memit_lab.zopt import ZParams, _losses, _prepare, optimise_z, tokenise_prompt
 
 REQUESTS = [
     EditRequest("The {} is located in", "Eiffel Tower", "Rome"),
@@ -82,10 +82,9 @@ def test_fast_loss_equals_full_forward_loss(tiny_lm: LoadedModel) -> None:
     g = torch.Generator().manual_seed(1)
     delta = 0.5 * torch.randn(len(REQUESTS), tiny_lm.d_model, generator=g)
     chunk = _prepare(tiny_lm, REQUESTS, layer, CONTEXTS, params)
-    rows = torch.arange(chunk.owner.shape[0])
+    assert len(chunk.groups) > 1  # rows of several suffix lengths, each length its own pass
     with torch.no_grad():
-        h = _replay(tiny_lm, chunk, layer, rows, delta[chunk.owner])
-        nll, kl, wd = _losses(tiny_lm, chunk, rows, h, delta, torch.arange(len(REQUESTS)), params)
+        nll, kl, wd = _losses(tiny_lm, chunk, layer, delta, torch.arange(len(REQUESTS)), params)
     expected = _straightforward_loss(tiny_lm, REQUESTS, layer, delta, params)
     torch.testing.assert_close(nll + kl + wd, expected, rtol=1e-4, atol=1e-4)
 
