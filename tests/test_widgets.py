@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import WeightSnapshot
 
 from memit_lab import LoadedModel, load_model
 from memit_lab.facts import KNOWN_FACTS, facts_by_relation
@@ -33,14 +34,6 @@ from memit_lab.zopt import ZParams, context_templates
 
 PROMPT = "The Eiffel Tower is located in the city of"
 SUBJECT = "Eiffel Tower"
-
-
-def _weights(lm: LoadedModel) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in lm.model.named_parameters()}
-
-
-def _unchanged(lm: LoadedModel, before: dict[str, torch.Tensor]) -> bool:
-    return all(torch.equal(p, before[name]) for name, p in lm.model.named_parameters())
 
 
 # Few z steps and contexts, little text for E[kk^T]: the mechanics of an edit on a tiny model, quick enough for CI.
@@ -187,10 +180,10 @@ def test_edit_playground_answers_bad_input_with_a_message_and_changes_nothing(
     gpt2: LoadedModel, facts: list[FactEdit], method: str, layers: object, lam: float | None, says: str
 ) -> None:
     state = _state(gpt2)
-    before = _weights(gpt2)
+    before = WeightSnapshot(gpt2)
     result = apply_edit(state, facts, method, layers, lam)  # type: ignore[arg-type]  # bad input on purpose
     assert isinstance(result, Message) and says in result.text
-    assert _unchanged(gpt2, before) and state.edits == []
+    assert before.unchanged() and state.edits == []
 
 
 @pytest.mark.parametrize("error", [ValueError("the update is not finite"), RuntimeError("out of memory")])
@@ -204,13 +197,13 @@ def test_a_failing_edit_is_rolled_back(gpt2: LoadedModel, monkeypatch: pytest.Mo
 
     monkeypatch.setattr("memit_lab.widgets.apply_memit", half_done)
     state = _state(gpt2)
-    before = _weights(gpt2)
+    before = WeightSnapshot(gpt2)
     if isinstance(error, ValueError):
         assert apply_edit(state, [ROME_FACT], "MEMIT", "0-1") == Message(str(error))
     else:
         with pytest.raises(RuntimeError, match="out of memory"):
             apply_edit(state, [ROME_FACT], "MEMIT", "0-1")
-    assert _unchanged(gpt2, before) and state.edits == []
+    assert before.unchanged() and state.edits == []
 
 
 def test_a_failing_rome_edit_is_rolled_back(gpt2: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -221,9 +214,9 @@ def test_a_failing_rome_edit_is_rolled_back(gpt2: LoadedModel, monkeypatch: pyte
 
     monkeypatch.setattr("memit_lab.widgets.apply_rome", half_done)
     state = _state(gpt2)
-    before = _weights(gpt2)
+    before = WeightSnapshot(gpt2)
     assert apply_edit(state, [ROME_FACT], "ROME", "2") == Message("delta is not finite")
-    assert _unchanged(gpt2, before) and state.edits == []
+    assert before.unchanged() and state.edits == []
 
 
 def test_undo_without_an_edit_says_so(gpt2: LoadedModel) -> None:
@@ -233,14 +226,13 @@ def test_undo_without_an_edit_says_so(gpt2: LoadedModel) -> None:
 
 def test_edit_then_undo_restores_every_weight_bit_for_bit(gpt2: LoadedModel) -> None:
     state = _state(gpt2)
-    before = _weights(gpt2)
+    before = WeightSnapshot(gpt2)
     edited = apply_edit(state, [ROME_FACT], "MEMIT", "0-1")
     assert isinstance(edited, EditView), edited
-    changed = {name for name, p in gpt2.model.named_parameters() if not torch.equal(p, before[name])}
-    assert changed == {gpt2.adapter.w_out_module(layer) + ".weight" for layer in (0, 1)}
+    assert before.changed() == {gpt2.adapter.w_out_module(layer) + ".weight" for layer in (0, 1)}
     restored = undo(state)
     assert isinstance(restored, UndoView)
-    assert _unchanged(gpt2, before)
+    assert before.unchanged()
     assert restored.p_now == edited.p_before and state.edits == []
 
 
@@ -248,7 +240,7 @@ def test_edit_then_undo_restores_every_weight_bit_for_bit(gpt2: LoadedModel) -> 
 def test_an_edit_of_the_bundled_model_moves_its_answer_and_undo_moves_it_back(smollm: LoadedModel) -> None:
     """MEMIT with the model's default settings: the new object becomes likely on the edit prompt and its paraphrase."""
     state = ExplorerState(smollm)
-    before = _weights(smollm)
+    before = WeightSnapshot(smollm)
     try:
         edited = apply_edit(state, [ROME_FACT], "MEMIT")
         assert isinstance(edited, EditView), edited
@@ -259,22 +251,21 @@ def test_an_edit_of_the_bundled_model_moves_its_answer_and_undo_moves_it_back(sm
     finally:
         restored = undo(state)
     assert isinstance(restored, UndoView) and restored.p_now == edited.p_before
-    assert _unchanged(smollm, before)
+    assert before.unchanged()
 
 
 def test_a_rome_edit_is_the_library_rome_on_one_layer_and_undo_restores_it(gpt2: LoadedModel) -> None:
     """ROME through the playground: the same weights as :func:`apply_rome` with the same settings; no λ."""
     state = _state(gpt2)
-    before = _weights(gpt2)
+    before = WeightSnapshot(gpt2)
     facts = [ROME_FACT, FactEdit("The capital of France is", "France", "Berlin")]
     edited = apply_edit(state, facts, "ROME", lam=-1.0)  # λ is MEMIT's: ignored, not rejected
     assert isinstance(edited, EditView), edited
     assert edited.layers == (LIGHT_ROME.layer,) and edited.lam is None and "λ" not in edited.html()
-    via_widget = _weights(gpt2)
-    changed = {name for name in before if not torch.equal(via_widget[name], before[name])}
-    assert changed == {gpt2.adapter.w_out_module(LIGHT_ROME.layer) + ".weight"}
+    assert before.changed() == {gpt2.adapter.w_out_module(LIGHT_ROME.layer) + ".weight"}
+    via_widget = WeightSnapshot(gpt2)
 
-    assert isinstance(undo(state), UndoView) and _unchanged(gpt2, before)
+    assert isinstance(undo(state), UndoView) and before.unchanged()
     moments = key_second_moment(gpt2, [LIGHT_ROME.layer], n_tokens=LIGHT_ROME.stats_tokens, progress=False)
     contexts = context_templates(gpt2, LIGHT_ROME.z.n_contexts, LIGHT_ROME.z.context_tokens)
     requests = [
@@ -283,28 +274,28 @@ def test_a_rome_edit_is_the_library_rome_on_one_layer_and_undo_restores_it(gpt2:
     ]
     direct = apply_rome(gpt2, requests, LIGHT_ROME, second_moments=moments, contexts=contexts)
     try:
-        assert all(torch.equal(p, via_widget[name]) for name, p in gpt2.model.named_parameters())
+        assert via_widget.unchanged()
     finally:
         direct.restore()
 
 
 def test_undo_pops_edits_newest_first(gpt2: LoadedModel) -> None:
     state = _state(gpt2)
-    original = _weights(gpt2)
+    original = WeightSnapshot(gpt2)
     first = apply_edit(state, [ROME_FACT], "MEMIT", [0, 1])
-    after_first = _weights(gpt2)
+    after_first = WeightSnapshot(gpt2)
     second = apply_edit(state, [FactEdit("The capital of France is", "France", "Berlin")], "MEMIT", [1, 2])
     assert isinstance(first, EditView) and isinstance(second, EditView)
     assert len(state.edits) == 2
-    assert isinstance(undo(state), UndoView) and _unchanged(gpt2, after_first)
-    assert isinstance(undo(state), UndoView) and _unchanged(gpt2, original)
+    assert isinstance(undo(state), UndoView) and after_first.unchanged()
+    assert isinstance(undo(state), UndoView) and original.unchanged()
     assert isinstance(undo(state), Message)
 
 
 def test_the_buttons_call_the_same_functions(gpt2: LoadedModel) -> None:
     """Clicking through the panels: bad input shows a message, Edit shows P(new) rising, Undo brings it back."""
     explorer = Explorer(gpt2, samples=1, hparams=LIGHT, rome_hparams=LIGHT_ROME)
-    before = _weights(gpt2)
+    before = WeightSnapshot(gpt2)
     explorer.edit.edit.click()
     assert isinstance(explorer.edit.result, Message) and "new object" in explorer.edit.result.text
 
@@ -327,7 +318,7 @@ def test_the_buttons_call_the_same_functions(gpt2: LoadedModel) -> None:
     assert explorer.edit.p_after.value == f"after edit: {edited.p_after:.4g}"
     explorer.edit.undo.click()
     assert explorer.edit.p_now.value == f"now: {edited.p_before:.4g} (undone)"
-    assert _unchanged(gpt2, before)
+    assert before.unchanged()
 
     explorer.lens.button.click()
     assert isinstance(explorer.lens.result, LensView)
