@@ -283,7 +283,7 @@ def _block_calls(blocks: Sequence[nn.Module]) -> Iterator[list[tuple[tuple[Any, 
 
 @dataclass
 class _Group:
-    """Rows of a chunk whose suffixes have one length, with what their Adam steps need, computed once.
+    """Rows of a chunk whose suffixes have about the same length, with what their Adam steps need, computed once.
 
     Rows are prompts; ``owner[row]`` is the request (within the chunk) a row belongs to. The
     suffix of a row starts at its last subject token (suffix position 0). Rows are grouped by
