@@ -370,7 +370,9 @@ def _prepare_group(
             input_ids=ids_s,
             attention_mask=torch.cat([mask_p, mask_s], 1),
             position_ids=pos_s,
-            **({"cache": cache, "use_cache": True} if cache is not None else {}),
+            # Without a prefix (every row's subject ends at its first token) the model must not make a cache of
+            # its own: the replayed blocks would append each step's keys to it.
+            **({"cache": cache, "use_cache": True} if cache is not None else {"use_cache": False}),
         )
     assert trace.output is not None
     return _Group(

@@ -5,7 +5,7 @@ import torch
 from helpers import WeightSnapshot
 
 import memit_lab.memit as memit_module
-from memit_lab import LoadedModel
+from memit_lab import LoadedModel, load_model
 from memit_lab.facts import KNOWN_FACTS, Fact
 from memit_lab.hooks import Trace
 from memit_lab.memit import (
@@ -95,6 +95,18 @@ def test_batched_and_per_request_z_agree(tiny_lm: LoadedModel) -> None:
     torch.testing.assert_close(batched.z, single.z, rtol=1e-4, atol=1e-4)
     assert [len(c) for c in batched.losses] == [len(c) for c in single.losses]
     assert all(c[-1] < c[0] for c in batched.losses)  # the optimisation did something
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-gptj", "tiny-neox", "tiny-qwen2"])  # tiny-llama's tokenizer
+def test_subject_at_the_first_token_optimises_without_a_prefix_cache(name: str) -> None:  # adds BOS: never at 0
+    # Every row of the chunk has its subject at position 0: no prefix, so no key/value cache is passed, and the
+    # model must not build one that the Adam steps would keep appending to (it made the second step fail).
+    lm = load_model(name)
+    subject = next(w for w in ("Paris", "The", "I", "A") if len(lm.tokenizer(w)["input_ids"]) == 1)
+    request = EditRequest("{} is located in", subject, "Rome")
+    assert tokenise_prompt(lm, request, "{}", "Rome").subject_last == 0
+    res = optimise_z(lm, [request], 1, TINY_Z, contexts=("{}",))
+    assert len(res.losses[0]) == TINY_Z.steps and res.losses[0][-1] < res.losses[0][0]
 
 
 def test_converged_request_stops_and_keeps_its_delta(tiny_lm: LoadedModel) -> None:
