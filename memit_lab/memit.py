@@ -163,11 +163,12 @@ class MemitHyperParams:
         return dataclasses.replace(self, **changes)
 
 
-#: Defaults per model. Bundled model: R = 0-4, causal tracing's recommendation (notebook 02: the MLP indirect effect
-#: at the last subject token averages 0.448 over windows centred on 0-4, against 0.119 for 3-7; L = 4 keeps z well
-#: below where attention starts moving the fact, ~14). lambda = 1,500, not the paper's 15,000: at one layer eq. 14
-#: writes about d_mlp / (lambda + d_mlp) of the residual (notebook 03), 52% for GPT-J's d_mlp = 16,384 at 15,000 but
-#: 9% for this model's 1,536; 1,500 restores the paper's share. The z settings are the paper's GPT-J values.
+#: Defaults per model. Bundled model: R = 0-4, causal tracing's recommendation (notebook 02: restoring the MLP
+#: outputs of layers 0-4 together at the last subject token brings back 0.448 of P(target) on average, those of 3-7
+#: 0.119; L = 4 keeps z well below where attention starts moving the fact, ~14). lambda = 1,500, not the paper's
+#: 15,000: at one layer eq. 14 writes about d_mlp / (lambda + d_mlp) of the residual (notebook 03), 52% for GPT-J's
+#: d_mlp = 16,384 at 15,000 but 9% for this model's 1,536; 1,500 restores the paper's share. The z settings are the
+#: paper's GPT-J values.
 #: Measured (first 100 records of the fact set edited at once, CounterFact %; unedited S 29.8, ES 24.0, PS 21.5,
 #: NS 80.2):
 #:
