@@ -307,7 +307,7 @@ class _Chunk:
     """The requests optimised together: their prompt rows in groups, and per-request constants."""
 
     groups: list[_Group]
-    n_prompts: torch.Tensor  # [requests] target prompts per request (the NLL is their mean)
+    n_prompts: int  # target prompts per request, one per context (the NLL is their mean)
     kl_init: torch.Tensor  # [requests, vocab] log-probs of the unedited model at the KL prompt
     h0: torch.Tensor  # [requests, d_model] bare-prompt h^L at the subject's last token
 
@@ -437,8 +437,7 @@ def _prepare(
     h0 = torch.stack([groups[g].h_suffix[j, 0] for g, j in map(where.__getitem__, bare)]).float()
     final = torch.stack([groups[g].final[j] for g, j in map(where.__getitem__, kl_row)])
     unembed = lm.model.get_submodule(lm.adapter.unembed)
-    n_prompts = torch.full((len(requests),), float(len(contexts)), device=lm.device)
-    return _Chunk(groups=groups, n_prompts=n_prompts, kl_init=unembed(final).float().log_softmax(-1), h0=h0)
+    return _Chunk(groups=groups, n_prompts=len(contexts), kl_init=unembed(final).float().log_softmax(-1), h0=h0)
 
 
 def _replay(
@@ -502,7 +501,7 @@ def _losses(
             kl_h = unembed(norm(h[torch.tensor(kl_rows), 0])).float().log_softmax(-1)
             init = chunk.kl_init[active[kl_slot]]
             kl = kl.index_add(0, kl_slot, (kl_h.exp() * (kl_h - init)).sum(-1))
-    nll = nll / chunk.n_prompts[active]
+    nll = nll / chunk.n_prompts
     wd = delta.norm(dim=-1) / chunk.h0[active].norm(dim=-1) ** 2
     return nll, params.kl_weight * kl, params.weight_decay * wd
 
