@@ -50,7 +50,8 @@ bench: $(STAMP)
 	@for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
 
 # The paper's experiments at full scale (hours on a CPU; cached, so an interrupted run resumes):
-# tables (CSV, markdown) and figures (PNG) in results/. MEMIT_LAB_SCALE=small for the notebooks' sizes.
+# tables (CSV, markdown) and figures (PNG) in results/. MEMIT_LAB_SCALE=small for the notebooks' sizes,
+# MEMIT_LAB_SCALE=medium for up to 100 edits per method (under an hour; the committed results/).
 reproduce: $(STAMP)
 	MEMIT_LAB_SCALE=$${MEMIT_LAB_SCALE:-full} $(BIN)/python scripts/reproduce.py --out results
 

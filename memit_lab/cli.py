@@ -100,22 +100,25 @@ def _tour_trace(lm: LoadedModel, samples: int) -> None:
 def _tour_edit(lm: LoadedModel, args: argparse.Namespace) -> None:
     from .datasets import load_factset
     from .experiments import edit_demo
-    from .memit import MemitHyperParams
+    from .memit import MODEL_DEFAULTS, MemitHyperParams, default_layers
     from .tracing import NoTraceableFactsError, recommend_layers
 
-    defaults = MemitHyperParams.for_model(lm)
+    # A model without measured defaults gets R from this trace (MemitHyperParams.for_model would trace again).
+    measured = MODEL_DEFAULTS.get(lm.name)
+    n = len(measured.layers) if measured else len(default_layers(lm.n_layers))
     try:
-        rec = recommend_layers(lm, n=len(defaults.layers), samples=args.samples)
+        rec = recommend_layers(lm, n=n, samples=args.samples)
     except NoTraceableFactsError as err:
-        layers = defaults.layers
+        layers = measured.layers if measured else default_layers(lm.n_layers)
         print(f"\n3. Which layers to edit? Tracing the known facts failed ({err}); using {layers}.")
     else:
         layers = rec.layers
+        note = f"; measured default {measured.layers[0]}-{measured.layers[-1]}" if measured else ""
         print(
             f"\n3. Which layers to edit? Averaged over {rec.per_fact.shape[0]} known facts, the {rec.n} MLP layers "
-            f"that bring back the most are R = {layers[0]}-{layers[-1]} (effect {float(rec.effect.max()):.2f}); "
-            f"MemitHyperParams.for_model's default for this model is {defaults.layers[0]}-{defaults.layers[-1]}."
+            f"that bring back the most are R = {layers[0]}-{layers[-1]} (effect {float(rec.effect.max()):.2f}){note}."
         )
+    defaults = measured or MemitHyperParams(tuple(layers))
     records = load_factset(known=True, n=args.edits)
     hparams = defaults.replace(layers=layers, stats_tokens=args.stats_tokens or defaults.stats_tokens)
     print(f"\n4. MEMIT writes {len(records)} counterfactuals at once into layers {layers} (Algorithm 1) ...")

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from io import StringIO
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -65,7 +65,6 @@ __all__ = [
     "Plan",
     "Sweep",
     "TargetPool",
-    "by_scale",
     "cached_run",
     "default_hparams",
     "edit_demo",
@@ -84,18 +83,18 @@ METHODS = ("unedited", "memit", "rome-seq", "ft")
 Record = CounterFactRecord | ZsreRecord
 
 
-# --- how big: the CI-sized default or the full scale -----------------------------------------------------------------
+# --- how big: the CI-sized default, a medium run, or the full scale ------------------------------------------------
 
-SCALES = ("small", "full")
-T = TypeVar("T")
+SCALES = ("small", "medium", "full")
 
 
 def scale() -> str:
-    """``"small"`` (default: sized for CI on two CPU cores) or ``"full"``, from the variable MEMIT_LAB_SCALE.
+    """``"small"`` (default), ``"medium"`` or ``"full"``, from the variable MEMIT_LAB_SCALE.
 
-    Notebooks 05-07 and ``make reproduce`` read it: ``MEMIT_LAB_SCALE=full jupyter lab`` or
-    ``MEMIT_LAB_SCALE=full make reproduce`` runs the paper's experiments at the largest size
-    this package plans for a CPU (hours), ``small`` in minutes.
+    Notebooks 05-07 and ``make reproduce`` read it. ``small`` is sized for CI on two CPU cores
+    (minutes); ``medium`` edits up to 100 facts with every method (under an hour on two cores,
+    the committed ``results/``); ``full`` up to 900 (hours): ``MEMIT_LAB_SCALE=full jupyter lab``
+    or ``MEMIT_LAB_SCALE=full make reproduce``.
     """
     value = os.environ.get("MEMIT_LAB_SCALE", "").strip().lower() or "small"
     if value not in SCALES:
@@ -103,24 +102,12 @@ def scale() -> str:
     return value
 
 
-def by_scale(small: T, full: T) -> T:
-    """``small`` or ``full`` according to :func:`scale`.
-
-    Example:
-        >>> import os
-        >>> os.environ.pop("MEMIT_LAB_SCALE", None) and None
-        >>> by_scale(small=[1, 4], full=[1, 10, 100])
-        [1, 4]
-    """
-    return full if scale() == "full" else small
-
-
 @dataclass(frozen=True)
 class Plan:
     """The sizes of the paper's experiments at one scale (notebooks 05-07 and ``scripts/reproduce.py`` share them).
 
     Attributes:
-        scale: ``"small"`` or ``"full"``.
+        scale: ``"small"``, ``"medium"`` or ``"full"``.
         sweep_ns: Figure 5 / Table 2: numbers of edits (the first n known facts of the fact set).
         methods: the editing methods compared.
         generation: GE (and RS) on the first this-many records of every sweep cell.
@@ -162,6 +149,18 @@ PLANS: dict[str, Plan] = {
         tradeoff_n=8,
         lams=(1.5e3, 1.5e4, 1.5e5),
         layer_ranges=((4,), (0, 1, 2, 3, 4)),
+    ),
+    "medium": Plan(
+        scale="medium",
+        sweep_ns=(1, 10, 100),
+        methods=("memit", "rome-seq", "ft"),
+        generation=10,
+        table1_n=30,
+        relations=_RELATIONS_FULL[:8],
+        per_relation=8,
+        tradeoff_n=24,
+        lams=(1.5e2, 1.5e3, 1.5e4, 1.5e5),
+        layer_ranges=((4,), (0, 1, 2, 3, 4), (3, 4, 5, 6, 7)),
     ),
     "full": Plan(
         scale="full",

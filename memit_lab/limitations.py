@@ -14,6 +14,20 @@ retrieves the edited subject (Apple). This module measures that:
 * :func:`update_response` -- ||Delta^l k|| at every token of a prompt: how strongly the
   update responds to each key it meets.
 
+A second limit, of where MEMIT writes rather than what: a subject whose last token is the
+prompt's **first** token ("Facebook is a multinational company from", on a tokenizer that
+adds no BOS token). Position 0 is the model's attention sink: from the early layers on its
+residual stream carries massive activations (Sun et al. 2024, "Massive activations in large
+language models") and most heads attend to it without reading anything from it (Xiao et al.
+2023, "Efficient streaming language models with attention sinks"). z (eq. 16) and the keys
+(eq. 14) read there belong to a state the rest of the prompt ignores, so the edit is written
+but the bare prompt does not read it; put any token before the subject and it does.
+
+* :func:`subject_at_first_token` -- is a request's subject at position 0?
+* :func:`residual_norms` -- ||h^l|| at position 0 against the other positions, every layer.
+* :func:`efficacy_by_prefix` -- the efficacy test (P(new) > P(true)) on the prompt as it is
+  and after a few prefixes.
+
 Example:
     >>> f = TWO_WAY_FACTS[0]
     >>> f.forward_prompt, f.inverse_prompt
@@ -37,13 +51,17 @@ from .hooks import Trace
 from .memit import WeightBackup
 from .models import LoadedModel
 from .requests import EditRequest
+from .zopt import tokenise_prompt
 
 __all__ = [
     "TWO_WAY_FACTS",
     "TwoWayFact",
     "direction_scores",
+    "efficacy_by_prefix",
     "forward_requests",
     "inverse_requests",
+    "residual_norms",
+    "subject_at_first_token",
     "update_response",
 ]
 
@@ -158,3 +176,75 @@ def update_response(lm: LoadedModel, backup: WeightBackup, prompt: str) -> Float
         assert t.input is not None
         rows.append((t.input[0].float() @ delta.float().T).norm(dim=-1))
     return torch.stack(rows)
+
+
+# --- a subject at the first token: the attention sink ----------------------------------------------------------
+
+
+def subject_at_first_token(lm: LoadedModel, request: EditRequest) -> bool:
+    """Whether the subject's last token -- where z and the keys are read -- is the prompt's first token.
+
+    Only a one-token subject that opens the prompt, on a tokenizer that adds no BOS token.
+
+    Example:
+        >>> from memit_lab import load_model
+        >>> lm = load_model("tiny-gpt2")  # GPT-2's tokenizer adds no BOS token
+        >>> subject_at_first_token(lm, EditRequest("{} is a company from", "X", "France"))
+        True
+        >>> subject_at_first_token(lm, EditRequest("The company {} is from", "X", "France"))
+        False
+        >>> subject_at_first_token(lm, EditRequest("{} is a city in", "Rome", "France"))  # "R", "ome": position 1
+        False
+    """
+    return tokenise_prompt(lm, request, "{}", None).subject_last == 0
+
+
+@torch.no_grad()
+def residual_norms(lm: LoadedModel, prompt: str) -> pd.DataFrame:
+    """||h^l|| of the residual stream at position 0 and the mean over the other positions, for every layer.
+
+    Row ``layer = 0`` is the embeddings, row ``l`` the output of block ``l - 1`` (the last row
+    is after the final norm). A first token far larger than the rest is the attention sink.
+
+    Example:
+        >>> from memit_lab import load_model
+        >>> lm = load_model("tiny-gpt2")
+        >>> frame = residual_norms(lm, "Rome is in Italy")
+        >>> list(frame.columns), len(frame) == lm.n_layers + 1
+        (['layer', 'first token', 'other tokens'], True)
+    """
+    ids = lm.tokenizer(prompt, return_tensors="pt").input_ids.to(lm.device)
+    if ids.shape[1] < 2:
+        raise ValueError(f"{prompt!r} is one token; residual_norms compares the first token with the others")
+    states = lm.model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
+    norms = torch.stack([h[0].float().norm(dim=-1) for h in states]).cpu()
+    return pd.DataFrame(
+        {"layer": range(len(states)), "first token": norms[:, 0].numpy(), "other tokens": norms[:, 1:].mean(1).numpy()}
+    )
+
+
+def efficacy_by_prefix(
+    lm: LoadedModel, requests: Sequence[EditRequest], prefixes: Sequence[str] = ("", "\n", ". ")
+) -> pd.DataFrame:
+    r"""Per request, whether P(target_new) > P(target_true) (mean per-token NLL, the efficacy test) after each prefix.
+
+    Columns: ``subject``, ``at first token`` (:func:`subject_at_first_token`), then one boolean
+    column per prefix, named by its ``repr`` (``''`` is the prompt as it is).
+
+    Example:
+        >>> from memit_lab import load_model
+        >>> lm = load_model("tiny-gpt2")
+        >>> r = EditRequest("{} is in", "Rome", "Paris", "Italy")
+        >>> list(efficacy_by_prefix(lm, [r], ["", "\n"]).columns)
+        ['subject', 'at first token', "''", "'\\n'"]
+    """
+    if any(r.target_true is None for r in requests):
+        raise ValueError("efficacy needs each request's target_true (the object the model says now)")
+    frame = pd.DataFrame(
+        {"subject": [r.subject for r in requests], "at first token": [subject_at_first_token(lm, r) for r in requests]}
+    )
+    for prefix in prefixes:
+        prompts = [prefix + r.text for r in requests] * 2
+        nll = mean_nll(lm, prompts, [r.target_new for r in requests] + [r.target_true or "" for r in requests])
+        frame[repr(prefix)] = nll[: len(requests)] < nll[len(requests) :]
+    return frame

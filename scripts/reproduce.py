@@ -1,6 +1,7 @@
 """Run the paper's experiments on the bundled model and write tables (CSV, markdown) and figures (PNG) to results/.
 
     MEMIT_LAB_SCALE=full python scripts/reproduce.py        # what `make reproduce` runs (hours on a CPU)
+    python scripts/reproduce.py --scale medium              # up to 100 edits per method (under an hour)
     python scripts/reproduce.py --scale small               # the notebooks' CI sizes (minutes)
 
 Sizes come from memit_lab.experiments.PLANS. Every edit run is cached on disk, so a run that is
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     timing = markdown(pd.Series(times, name="wall seconds").rename_axis("step").to_frame())
     readme = (
         f"# Results: the paper's experiments on SmolLM2-135M (scale `{plan.scale}`)\n\n"
-        f"Written by `scripts/reproduce.py` (`make reproduce`; `MEMIT_LAB_SCALE=full` for the full scale). "
+        f"Written by `scripts/reproduce.py` (`make reproduce`; `MEMIT_LAB_SCALE` = small, medium or full). "
         f"Sizes: {plan}.\n\nMachine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
         f"device {args.device}; wall times include everything else running on the machine. Edit runs already in "
         f"the cache (from the notebooks or an interrupted run) are read, not recomputed: a step's time counts only "

@@ -1,6 +1,7 @@
 """The command line prints what the README says it prints, and fails with a message, not a traceback."""
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,6 +27,26 @@ def test_demo_tour_on_the_bundled_model(capsys: pytest.CaptureFixture[str]) -> N
     assert all(float(row[-1]) > float(row[-3]) for row in table), edited[:6]  # P(new) rose for every fact
     memit_row = next(line.split() for line in edited if line.startswith("memit "))
     assert float(memit_row[2]) == 100.0  # ES after the edit
+
+
+def test_demo_tour_traces_a_model_without_measured_defaults_once(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import memit_lab.tracing as tracing
+
+    calls = []
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs)
+        return recommend(*args, **kwargs)
+
+    recommend = tracing.recommend_layers
+    monkeypatch.setattr(tracing, "recommend_layers", counted)
+    args = ["demo", "--model", "tiny-gpt2", "-k", "1", "--edits", "2", "--samples", "1", "--stats-tokens", "512"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert len(calls) == 1 and calls[0]["samples"] == 1, calls  # the tour's own trace, not for_model's as well
+    assert "3. Which layers to edit?" in out and "memit: 2 facts edited" in out
 
 
 def test_demo_tour_validates_sizes(capsys: pytest.CaptureFixture[str]) -> None:

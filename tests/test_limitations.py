@@ -1,21 +1,27 @@
-"""Directed edits: the two-way facts, their multiple-choice scores, and the update's response to keys."""
+"""Directed edits (two-way facts, multiple-choice scores, the update's response to keys) and the first-token limit."""
 
 import numpy as np
 import pytest
 import torch
 
 from memit_lab import load_model
+from memit_lab.datasets import load_factset
 from memit_lab.evaluate import mean_nll
+from memit_lab.experiments import edit_request
 from memit_lab.hooks import Trace
 from memit_lab.limitations import (
     TWO_WAY_FACTS,
     direction_scores,
+    efficacy_by_prefix,
     forward_requests,
     inverse_requests,
+    residual_norms,
+    subject_at_first_token,
     update_response,
 )
-from memit_lab.memit import WeightBackup
-from memit_lab.requests import check_requests
+from memit_lab.memit import WeightBackup, edits_applied
+from memit_lab.models import LoadedModel
+from memit_lab.requests import EditRequest, check_requests
 
 
 def test_two_way_facts_are_a_valid_batch_in_each_direction() -> None:
@@ -57,3 +63,48 @@ def test_update_response_of_a_rank_one_update_is_closed_form() -> None:
     expected = u.norm() * (t.input[0] @ v).abs()
     assert response.shape == (1, ids.shape[1])
     torch.testing.assert_close(response[0], expected, rtol=1e-4, atol=1e-5)
+
+
+# --- a subject at the first token ------------------------------------------------------------------------------
+
+
+def test_subject_at_first_token_follows_the_tokenizer(tiny_lm: LoadedModel) -> None:
+    tok = tiny_lm.tokenizer
+    opening = EditRequest("{} is a company from", "X", "France")
+    # Position 0 exactly when "X" is one token and the tokenizer puts nothing (a BOS token) before it.
+    alone = tok("X", add_special_tokens=False)["input_ids"]
+    expected = len(alone) == 1 and tok(opening.text)["input_ids"][0] == alone[0]
+    assert subject_at_first_token(tiny_lm, opening) == expected
+    assert not subject_at_first_token(tiny_lm, EditRequest("The company {} is from", "X", "France"))
+
+
+def test_residual_norms_are_the_norms_of_each_block_output() -> None:
+    lm = load_model("tiny-neox")
+    prompt = "The Eiffel Tower is in"
+    frame = residual_norms(lm, prompt)
+    ids = lm.tokenizer(prompt, return_tensors="pt").input_ids
+    blocks = [lm.adapter.block(layer) for layer in range(lm.n_layers - 1)]  # the last row is after the final norm
+    with Trace(lm.model, blocks[0]) as first, Trace(lm.model, blocks[-1]) as last:
+        lm.model(input_ids=ids)
+    for trace, row in ((first, 1), (last, lm.n_layers - 1)):
+        out = trace.output[0] if isinstance(trace.output, tuple) else trace.output
+        norms = out[0].norm(dim=-1)
+        assert frame["first token"][row] == pytest.approx(float(norms[0]), rel=1e-5)
+        assert frame["other tokens"][row] == pytest.approx(float(norms[1:].mean()), rel=1e-5)
+    with pytest.raises(ValueError, match="one token"):
+        residual_norms(lm, "A")
+
+
+def test_an_edit_of_a_first_token_subject_is_read_only_after_a_prefix(restored_smollm: LoadedModel) -> None:
+    smollm = restored_smollm
+    facebook = next(r for r in map(edit_request, load_factset(known=True, n=10)) if r.subject == "Facebook")
+    assert subject_at_first_token(smollm, facebook)
+    # The attention sink. Measured: at the output of block 4 (L, where z is read) 838 against 94 on average for the
+    # other tokens; from block 11 on about 24,600 against 150-630.
+    ratio = (lambda f: f["first token"] / f["other tokens"])(residual_norms(smollm, facebook.text))
+    assert ratio[5] > 5 and ratio.max() > 100, ratio
+    with edits_applied(smollm, [facebook]):
+        wins = efficacy_by_prefix(smollm, [facebook], ["", "\n", ". "]).iloc[0]
+    # Measured: the bare prompt keeps "the United States" (NLL 5.0 for Sweden vs 0.9); any prefix reads the edit
+    # (0.02 vs 3.7).
+    assert not wins["''"] and wins["'\\n'"] and wins["'. '"], wins
