@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.stamp-$(DEPS_HASH)
 SUDO   := $(if $(filter 0,$(shell id -u)),,sudo)
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
-PYTEST := $(BIN)/python -m pytest --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg
+PYTEST := $(BIN)/python -m pytest --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg --durations=25
 
 .PHONY: install demo test lint typecheck pytest lab bench notebooks reproduce clean
 
