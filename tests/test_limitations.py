@@ -101,7 +101,8 @@ def test_an_edit_of_a_first_token_subject_is_read_only_after_a_prefix(restored_s
     assert subject_at_first_token(smollm, facebook)
     # The attention sink. Measured: at the output of block 4 (L, where z is read) 838 against 94 on average for the
     # other tokens; from block 11 on about 24,600 against 150-630.
-    ratio = (lambda f: f["first token"] / f["other tokens"])(residual_norms(smollm, facebook.text))
+    norms = residual_norms(smollm, facebook.text)
+    ratio = norms["first token"] / norms["other tokens"]
     assert ratio[5] > 5 and ratio.max() > 100, ratio
     with edits_applied(smollm, [facebook]):
         wins = efficacy_by_prefix(smollm, [facebook], ["", "\n", ". "]).iloc[0]
