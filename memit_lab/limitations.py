@@ -46,7 +46,7 @@ import pandas as pd
 import torch
 from jaxtyping import Float
 
-from .evaluate import mean_nll
+from .evaluate import mean_nll, paired_nll
 from .hooks import Trace
 from .memit import WeightBackup
 from .models import LoadedModel
@@ -244,7 +244,7 @@ def efficacy_by_prefix(
         {"subject": [r.subject for r in requests], "at first token": [subject_at_first_token(lm, r) for r in requests]}
     )
     for prefix in prefixes:
-        prompts = [prefix + r.text for r in requests] * 2
-        nll = mean_nll(lm, prompts, [r.target_new for r in requests] + [r.target_true or "" for r in requests])
-        frame[repr(prefix)] = nll[: len(requests)] < nll[len(requests) :]
+        prompts = [prefix + r.text for r in requests]
+        new, true = paired_nll(lm, prompts, [r.target_new for r in requests], [r.target_true or "" for r in requests])
+        frame[repr(prefix)] = new < true  # the ES test of memit_lab.evaluate, on the prefixed prompts
     return frame
