@@ -44,7 +44,8 @@ from memit_lab.datasets import load_factset
 from memit_lab.evaluate import counterfact_scores, counterfact_summary
 from memit_lab.experiments import edit_request
 from memit_lab.hooks import Trace
-from memit_lab.memit import MemitHyperParams, apply_memit
+from memit_lab.hparams import MemitHyperParams
+from memit_lab.memit import apply_memit
 from memit_lab.models import LoadedModel
 from memit_lab.requests import EditRequest
 from memit_lab.zopt import ZParams, context_templates, optimise_z, tokenise_prompt

@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from jaxtyping import Float
@@ -37,6 +38,7 @@ from torch import nn
 __all__ = [
     "ADAPTERS",
     "Adapter",
+    "NormKind",
     "UnsupportedArchitectureError",
     "adapter_for_model",
     "adapter_for_model_type",
@@ -45,6 +47,10 @@ __all__ = [
 
 class UnsupportedArchitectureError(ValueError):
     """The model's architecture has no entry in :data:`ADAPTERS`."""
+
+
+#: The norm gamma of a family: LayerNorm ``weight * (x - mean x) / s(x) + bias`` or RMSNorm ``weight * x / s(x)``.
+NormKind = Literal["layernorm", "rmsnorm"]
 
 
 @dataclass(frozen=True)
@@ -59,12 +65,15 @@ class Adapter:
         pos_embed: learned absolute position embedding (GPT-2), else ``None``;
             its output is part of h^0.
         final_norm: the norm applied before the unembedding (gamma of the last layer).
+        norm_kind: which norm the family uses (its blocks' and the final one), written
+            down rather than guessed from the module's class.
         unembed: the unembedding (``lm_head``) module.
         attn, mlp: attention and MLP modules, relative to a block.
         w_out: W_out, relative to a block.
         w_out_transposed: True when the weight is stored ``[d_mlp, d_model]``.
         parallel: True when attention and MLP read the same block input (GPT-J,
-            NeoX); a ``str`` names the boolean config attribute that decides.
+            NeoX); a ``str`` names the boolean config attribute that decides (a
+            config without it is refused, never given a default).
     """
 
     name: str
@@ -76,9 +85,15 @@ class Adapter:
     attn: str
     mlp: str
     w_out: str
+    norm_kind: NormKind
     w_out_transposed: bool = False
     parallel: bool | str = False
     pos_embed: str | None = None
+
+    @property
+    def centred_norm(self) -> bool:
+        """Whether the norm subtracts the mean first (LayerNorm) or not (RMSNorm)."""
+        return self.norm_kind == "layernorm"
 
     # -- module names -------------------------------------------------------------
     def block(self, layer: int) -> str:
@@ -98,10 +113,22 @@ class Adapter:
         return f"{self.layers}.{layer}.{self.w_out}"
 
     def is_parallel(self, config: object) -> bool:
-        """Whether attention and MLP of a block read the same input (GPT-J, NeoX)."""
-        if isinstance(self.parallel, str):
-            return bool(getattr(config, self.parallel, True))
-        return self.parallel
+        """Whether attention and MLP of a block read the same input (GPT-J, NeoX).
+
+        Example:
+            >>> adapter_for_model_type("gpt_neox").is_parallel(object())
+            Traceback (most recent call last):
+            ...
+            ValueError: this gpt-neox config has no 'use_parallel_residual' attribute, ...
+        """
+        if not isinstance(self.parallel, str):
+            return self.parallel
+        if not hasattr(config, self.parallel):
+            raise ValueError(
+                f"this {self.name} config has no {self.parallel!r} attribute, which says whether attention and "
+                f"MLP read the same input; set config.{self.parallel} to True or False"
+            )
+        return bool(getattr(config, self.parallel))
 
     # -- W_out in the paper's orientation ------------------------------------------
     def w_out_weight(self, model: nn.Module, layer: int) -> Float[torch.Tensor, "d_model d_mlp"]:
@@ -133,6 +160,7 @@ _LLAMA_LIKE = dict(
     attn="self_attn",
     mlp="mlp",
     w_out="mlp.down_proj",
+    norm_kind="rmsnorm",
 )
 
 #: The table: one entry per architecture. Add a row to support a new family.
@@ -148,6 +176,7 @@ ADAPTERS: tuple[Adapter, ...] = (
         attn="attn",
         mlp="mlp",
         w_out="mlp.c_proj",
+        norm_kind="layernorm",
         w_out_transposed=True,
     ),
     _adapter(
@@ -160,6 +189,7 @@ ADAPTERS: tuple[Adapter, ...] = (
         attn="attn",
         mlp="mlp",
         w_out="mlp.fc_out",
+        norm_kind="layernorm",
         parallel=True,
     ),
     _adapter(
@@ -172,6 +202,7 @@ ADAPTERS: tuple[Adapter, ...] = (
         attn="attention",
         mlp="mlp",
         w_out="mlp.dense_4h_to_h",
+        norm_kind="layernorm",
         parallel="use_parallel_residual",
     ),
     _adapter("llama", "llama", **_LLAMA_LIKE),
@@ -198,7 +229,11 @@ def adapter_for_model_type(model_type: str) -> Adapter:
 
 
 def adapter_for_model(model: nn.Module) -> Adapter:
-    """The adapter for a loaded Hugging Face model, from its ``config.model_type``."""
+    """The adapter for a loaded Hugging Face model, from its ``config.model_type``.
+
+    A config that does not say what the adapter needs (whether blocks are parallel) is
+    refused here, when the model is loaded, not later in the middle of a computation.
+    """
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type is None:
@@ -206,4 +241,6 @@ def adapter_for_model(model: nn.Module) -> Adapter:
             f"{type(model).__name__} has no config.model_type; memit_lab needs a Hugging Face "
             f"causal language model of one of: {', '.join(supported_model_types())}."
         )
-    return adapter_for_model_type(model_type)
+    adapter = adapter_for_model_type(model_type)
+    adapter.is_parallel(config)
+    return adapter

@@ -10,7 +10,6 @@ building the same entry at once.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -19,6 +18,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock
 
 __all__ = ["atomic_dir", "cache_root", "file_digest", "locked", "read_manifest", "write_manifest"]
 
@@ -39,14 +40,19 @@ def cache_root() -> Path:
 
 @contextlib.contextmanager
 def locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``path`` + ``.lock`` for the duration of the block."""
+    """Hold an exclusive lock on ``path`` + ``.lock`` for the duration of the block (waiting for it if taken).
+
+    The operating system's own file lock (``flock`` on Unix, ``msvcrt`` on Windows), so a
+    process that dies releases it; the lock file itself stays, as a marker costs nothing.
+
+    Example:
+        >>> with tempfile.TemporaryDirectory() as folder, locked(Path(folder) / "stats"):
+        ...     (Path(folder) / "stats.lock").exists()
+        True
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(str(path) + ".lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with FileLock(str(path) + ".lock", preserve_lock_file=True):
+        yield
 
 
 @contextlib.contextmanager

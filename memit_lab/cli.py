@@ -100,11 +100,11 @@ def _tour_trace(lm: LoadedModel, samples: int) -> None:
 def _tour_edit(lm: LoadedModel, args: argparse.Namespace) -> None:
     from .datasets import load_factset
     from .experiments import edit_demo
-    from .memit import MODEL_DEFAULTS, MemitHyperParams, default_layers
-    from .tracing import NoTraceableFactsError, recommend_layers
+    from .hparams import MemitHyperParams, default_layers
+    from .layer_choice import NoTraceableFactsError, recommend_layers
 
-    # A model without measured defaults gets R from this trace (MemitHyperParams.for_model would trace again).
-    measured = MODEL_DEFAULTS.get(lm.name)
+    # A model without measured defaults gets R from this trace (the registry's defaults would trace again).
+    measured = MemitHyperParams.measured(lm)
     n = len(measured.layers) if measured else len(default_layers(lm.n_layers))
     try:
         rec = recommend_layers(lm, n=n, samples=args.samples)
@@ -160,6 +160,7 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .tracing import trace
+    from .tracing_plots import plot_trace
 
     lm = _load(args)
     with tqdm(total=100, desc=f"tracing {args.kind}", unit="%", file=sys.stderr) as bar:
@@ -174,7 +175,7 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     print(f"\nCells that bring back most of it (restoring {result.kind}):")
     print(result.peaks(args.top).to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     if args.out:
-        result.plot().savefig(args.out, dpi=150)
+        plot_trace(result).savefig(args.out, dpi=150)
         print(f"\nfigure written to {args.out}")
     return 0
 
@@ -202,17 +203,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .datasets import load_factset, load_records
     from .evaluate import summary_table, zsre_summary
     from .experiments import run_edits
+    from .methods import get_method
 
+    method = get_method(args.method).name
     if args.data:
         records = load_records(args.data, snippets=args.snippets)
     else:
         records = load_factset(known=True if args.known_only else None)
     records = records[: args.n]
     lm = _load(args)
-    print(f"{len(records)} records from {args.data or 'the bundled fact set'}; editing them with {args.method}")
+    print(f"{len(records)} records from {args.data or 'the bundled fact set'}; editing them with {method}")
     frames = {
         name: run_edits(lm, records, name, generation=args.generation, progress=sys.stderr.isatty())
-        for name in ("unedited", args.method)
+        for name in ("unedited", method)
     }
     if "efficacy" in frames["unedited"].columns:
         table = pd.DataFrame({name: zsre_summary(frame) for name, frame in frames.items()}).T.round(1)
@@ -221,7 +224,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         table = summary_table(frames)
         print("\nCounterFact (%, the paper's Table 2 columns: S = harmonic mean of ES, PS, NS):")
     print(table.to_string())
-    print(f"\nedit wall time: {frames[args.method].attrs['edit_seconds']:.1f} s for {len(records)} edits")
+    print(f"\nedit wall time: {frames[method].attrs['edit_seconds']:.1f} s for {len(records)} edits")
     return 0
 
 
@@ -230,7 +233,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     _add_common(parser)
     parser.add_argument("--data", default=None, help="CounterFact / MultiCounterFact or zsRE JSON (default: fact set)")
     parser.add_argument("--snippets", default=None, help="attribute_snippets.json for RS (CounterFact only)")
-    parser.add_argument("--method", choices=["memit", "rome-seq", "ft"], default="memit")
+    parser.add_argument("--method", choices=_method_choices(), default="memit", help=_method_help())
     parser.add_argument("--n", type=int, default=100, help="edit the first n records together")
     parser.add_argument("--known-only", action="store_true", help="bundled fact set: only facts the model knows")
     parser.add_argument("--generation", type=int, default=0, help="GE/RS on the first this-many records (slow)")
@@ -265,7 +268,8 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     # Imported here, like trace's: the editing code pulls in pandas and the statistics.
     import pandas as pd
 
-    from .memit import NonFiniteUpdateError, apply_memit
+    from .editing import NonFiniteUpdateError
+    from .methods import apply_edits
     from .requests import check_requests, load_requests
 
     requests = load_requests(args.requests)
@@ -275,19 +279,9 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     lm = _load(args)
     requests = check_requests(requests, lm.tokenizer)  # refused here, before anything is computed
     new_before, true_before = _edit_probabilities(lm, requests)
-    progress = sys.stderr.isatty()
     start = time.perf_counter()
     try:
-        if args.method == "memit":
-            apply_memit(lm, requests, progress=progress)
-        elif args.method == "rome":
-            from .rome import apply_rome
-
-            apply_rome(lm, requests, progress=progress)
-        else:
-            from .finetune import apply_ft
-
-            apply_ft(lm, requests, progress=progress)
+        apply_edits(lm, requests, args.method, progress=sys.stderr.isatty())
     except NonFiniteUpdateError as err:
         raise ValueError(f"{err} (the model was left unchanged)") from None
     seconds = time.perf_counter() - start
@@ -317,9 +311,22 @@ def _add_edit(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--requests", required=True, help='JSON list of {"prompt": "The capital of {} is", "subject", "target_new"}'
     )
-    parser.add_argument("--method", choices=["memit", "rome", "ft"], default="memit", help="how to edit")
+    parser.add_argument("--method", choices=_method_choices(), default="memit", help=_method_help())
     parser.add_argument("--save-to", default=None, help="write the edited model (safetensors + tokenizer) here")
     parser.set_defaults(func=_cmd_edit)
+
+
+def _method_choices() -> list[str]:
+    """The registry's method names, and their aliases (``rome`` for ``rome-seq``)."""
+    from .methods import ALIASES, method_names
+
+    return [*method_names(), *ALIASES]
+
+
+def _method_help() -> str:
+    from .methods import METHODS
+
+    return "how to edit: " + "; ".join(f"{m.name} = {m.description}" for m in METHODS.values())
 
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo, _add_trace, _add_eval, _add_edit]

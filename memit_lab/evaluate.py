@@ -45,8 +45,7 @@ import json
 import math
 import re
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,7 +56,7 @@ from tqdm.auto import tqdm
 
 from .datasets import CounterFactRecord, ZsreRecord
 from .models import LoadedModel
-from .prompts import check_prompt, continuation
+from .prompts import check_prompt, check_target_pairs, continuation, padded_batch, padding_side, target_positions
 
 __all__ = [
     "COUNTERFACT_COLUMNS",
@@ -156,6 +155,11 @@ def generation_entropy(text: str, ns: Sequence[int] = (2, 3), weights: Sequence[
     return float(np.mean([w * ngram_entropy(tokens, n) for n, w in zip(ns, weights, strict=True)]))
 
 
+# Written by hand on purpose, not scikit-learn's TfidfVectorizer (measured against it, scikit-learn 1.9.1):
+# its defaults are these settings -- the same vocabulary and bit-identical IDF -- but the reference's recipe
+# (its l2-normalised vectors, then a cosine) moves RS in the last bits on most texts and gives NaN, not 0, for a
+# text without a known word; only ``norm=None`` with the cosine below reproduces today's numbers, and that leaves
+# scikit-learn ~15 lines of counting for ~200 MB of new dependencies (scipy, narwhals, joblib, threadpoolctl).
 _TFIDF_WORD = re.compile(r"(?u)\b\w\w+\b")
 
 
@@ -228,22 +232,10 @@ def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     return [order[lo : lo + batch_size] for lo in range(0, len(order), batch_size)]
 
 
-def _check_pairs(prompts: Sequence[str], *target_lists: Sequence[str]) -> None:
-    for targets in target_lists:
-        if len(prompts) != len(targets):
-            raise ValueError(f"got {len(prompts)} prompts but {len(targets)} targets; pass one target per prompt")
-        for prompt, target in zip(prompts, targets, strict=True):
-            check_prompt(prompt)
-            if not isinstance(target, str) or not target.strip():
-                raise ValueError(f"target must be a non-empty string, got {target!r} (prompt {prompt!r})")
-
-
 def _tokenized(lm: LoadedModel, prompt: str, target: str) -> tuple[list[int], list[int]]:
     """Ids of ``prompt + " " + target`` and the positions of the target's tokens (found by character offsets)."""
     enc = lm.tokenizer(continuation(prompt, target), return_offsets_mapping=True)
-    boundary = len(prompt.rstrip())
-    positions = [j for j, (a, b) in enumerate(enc["offset_mapping"]) if b > a and b > boundary]
-    return list(enc["input_ids"]), positions
+    return list(enc["input_ids"]), target_positions(enc["offset_mapping"], prompt)
 
 
 Query = list[tuple[int, int]]
@@ -263,16 +255,10 @@ def _query(
 
     Batched by length, right padding; the softmax is taken only at the queried positions.
     """
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     out: list[tuple[np.ndarray, np.ndarray]] = [(np.zeros(0), np.zeros(0, dtype=bool))] * len(sequences)
     for batch in tqdm(_batches([len(s) for s in sequences], batch_size), desc=desc, disable=not progress, leave=False):
-        width = max(len(sequences[i]) for i in batch)
-        ids = torch.full((len(batch), width), pad)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):
-            ids[row, : len(sequences[i])] = torch.tensor(sequences[i])
-            mask[row, : len(sequences[i])] = 1
-        logits = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device)).logits
+        ids, mask = padded_batch(lm.tokenizer, [sequences[i] for i in batch], lm.device)
+        logits = lm.model(input_ids=ids, attention_mask=mask).logits
         for row, i in enumerate(batch):
             pos, tok = (torch.tensor(x, device=logits.device) for x in zip(*queries[i], strict=True))
             logp = logits[row, pos].float().log_softmax(-1)
@@ -308,7 +294,7 @@ def mean_nll(
         >>> nll.shape, bool((nll > 0).all())
         ((2,), True)
     """
-    _check_pairs(prompts, targets)
+    check_target_pairs(prompts, targets)
     tokenized = [_tokenized(lm, p, t) for p, t in zip(prompts, targets, strict=True)]
     queries = [_teacher_forced(ids, pos) for ids, pos in tokenized]
     scored = _query(lm, [ids for ids, _ in tokenized], queries, batch_size=batch_size, progress=progress, desc=desc)
@@ -338,7 +324,8 @@ def paired_nll(
         >>> bool(np.allclose(a, mean_nll(lm, ["The capital of France is"], ["Rome"]), atol=1e-5))
         True
     """
-    _check_pairs(prompts, targets_a, targets_b)
+    check_target_pairs(prompts, targets_a)
+    check_target_pairs(prompts, targets_b)
     sequences: list[list[int]] = []
     queries: list[Query] = []
     # Per pair and target: (sequence index, first query, number of queries).
@@ -380,23 +367,13 @@ def token_hits(
         >>> hits[0].dtype, len(hits[0]) >= 1
         (dtype('bool'), True)
     """
-    _check_pairs(prompts, targets)
+    check_target_pairs(prompts, targets)
     tokenized = [_tokenized(lm, p, t) for p, t in zip(prompts, targets, strict=True)]
     queries = [_teacher_forced(ids, pos) for ids, pos in tokenized]
     scored = _query(
         lm, [ids for ids, _ in tokenized], queries, batch_size=batch_size, progress=progress, desc="token accuracy"
     )
     return [hits for _, hits in scored]
-
-
-@contextmanager
-def _left_padding(lm: LoadedModel) -> Iterator[None]:
-    side = lm.tokenizer.padding_side
-    lm.tokenizer.padding_side = "left"
-    try:
-        yield
-    finally:
-        lm.tokenizer.padding_side = side
 
 
 @torch.no_grad()
@@ -425,7 +402,7 @@ def sample_texts(
         check_prompt(p)
     texts: list[str] = []
     devices = [lm.device] if lm.device.type != "cpu" else []
-    with torch.random.fork_rng(devices=devices, device_type=lm.device.type), _left_padding(lm):
+    with torch.random.fork_rng(devices=devices, device_type=lm.device.type), padding_side(lm.tokenizer, "left"):
         torch.manual_seed(seed)
         for lo in tqdm(range(0, len(prompts), batch_size), desc="generating", disable=not progress, leave=False):
             chunk = list(prompts[lo : lo + batch_size])

@@ -38,12 +38,12 @@ from typing import Any
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import torch
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from .cache import atomic_dir, cache_root, locked, read_manifest, write_manifest
 from .datasets import CounterFactRecord, ZsreRecord
+from .editing import EditResult, WeightBackup
 from .evaluate import (
     COUNTERFACT_COLUMNS,
     counterfact_scores,
@@ -52,7 +52,7 @@ from .evaluate import (
     mean_nll,
     zsre_scores,
 )
-from .memit import EditResult, MemitHyperParams, apply_memit
+from .methods import get_method, method_names
 from .models import LoadedModel
 from .requests import EditRequest
 from .zopt import ZParams, ZResult, optimise_z
@@ -79,7 +79,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-METHODS = ("unedited", "memit", "rome-seq", "ft")
+METHODS = ("unedited", *method_names())
 Record = CounterFactRecord | ZsreRecord
 
 
@@ -193,15 +193,12 @@ def preserved_weights(lm: LoadedModel) -> Iterator[None]:
     sample of *every* weight) is compared on exit, so an edit that touched anything else
     is reported instead of silently kept.
     """
-    params = [lm.adapter.w_out_parameter(lm.model, layer) for layer in range(lm.n_layers)]
-    saved = [p.detach().clone() for p in params]
+    backup = WeightBackup.of(lm, range(lm.n_layers))
     before = lm.fingerprint()
     try:
         yield
     finally:
-        with torch.no_grad():
-            for p, s in zip(params, saved, strict=True):
-                p.copy_(s)
+        backup.restore()
         if lm.fingerprint() != before:
             raise RuntimeError("an edit changed weights other than W_out; reload the model, it is not the original")
 
@@ -226,36 +223,21 @@ def _apply(
 ) -> EditResult:
     """Write the records' new objects into ``lm`` with ``method`` (the caller restores the weights)."""
     requests = [edit_request(r) for r in records]
-    if method == "memit":
-        return apply_memit(lm, requests, hparams, targets=targets() if targets else None, progress=progress)
-    if targets is not None:
+    chosen = get_method(method)
+    if targets is None:
+        return chosen(lm, requests, hparams, progress=progress)
+    if chosen.name != "memit":
         raise ValueError(f"targets (precomputed z) apply to MEMIT only, not to {method!r}")
-    if method == "rome-seq":
-        from .rome import apply_rome
-
-        return apply_rome(lm, requests, hparams, progress=progress)
-    if method == "ft":
-        from .finetune import apply_ft
-
-        return apply_ft(lm, requests, hparams, progress=progress)
-    raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    return chosen(lm, requests, hparams, targets=targets(), progress=progress)
 
 
 def default_hparams(lm: LoadedModel, method: str) -> Any:
     """The hyper-parameters ``method`` uses for ``lm`` when given ``None`` (``None`` for ``"unedited"``)."""
-    if method == "memit":
-        return MemitHyperParams.for_model(lm)
-    if method == "rome-seq":
-        from .rome import RomeHyperParams
-
-        return RomeHyperParams.for_model(lm)
-    if method == "ft":
-        from .finetune import FtHyperParams
-
-        return FtHyperParams.for_model(lm)
     if method == "unedited":
         return None
-    raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    return get_method(method).defaults(lm)
 
 
 # --- scoring ---------------------------------------------------------------------------------------------------

@@ -28,78 +28,24 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import pandas as pd
 import torch
 from jaxtyping import Float
 from tqdm.auto import tqdm
 
-from .memit import EditResult, NonFiniteUpdateError, WeightBackup, default_layers
+from .editing import EditResult, NonFiniteUpdateError, WeightBackup
+from .hparams import FtHyperParams
 from .models import LoadedModel
+from .prompts import padded_batch
 from .requests import EditRequest, check_requests
 from .zopt import TokenisedPrompt, tokenise_prompt
 
-__all__ = ["MODEL_DEFAULTS", "FtHyperParams", "FtResult", "apply_ft", "clip_change"]
-
-
-@dataclass(frozen=True)
-class FtHyperParams:
-    """Everything FT-W's result depends on besides the model and the requests.
-
-    Attributes:
-        layer: l, the layer whose W_out is fine-tuned.
-        steps: Adam steps at most.
-        lr: Adam learning rate.
-        norm_constraint: eps of ||W - W_0||_inf <= eps (per entry); ``None`` for none.
-        weight_decay: Adam's (L2) weight decay; 0 for none.
-        stop_loss: stop when the mean loss falls below this.
-        batch: requests per forward/backward pass (the gradient of a step sums over all of them).
-    """
-
-    layer: int
-    steps: int = 25
-    lr: float = 5e-4
-    norm_constraint: float | None = 5e-4
-    weight_decay: float = 0.0
-    stop_loss: float = 1e-2
-    batch: int = 64
-
-    def __post_init__(self) -> None:
-        if self.layer < 0 or self.steps < 1 or self.batch < 1:
-            raise ValueError(f"layer must be >= 0, steps and batch >= 1: {self}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive number, got {self.lr}")
-        if self.norm_constraint is not None and not self.norm_constraint > 0:
-            raise ValueError(f"norm_constraint must be positive (or None for none), got {self.norm_constraint}")
-
-    @classmethod
-    def for_model(cls, lm: LoadedModel) -> FtHyperParams:
-        """Measured defaults for the bundled model (:data:`MODEL_DEFAULTS`), else the middle of
-        :func:`memit_lab.memit.default_layers` with the ROME paper's GPT-2 XL settings."""
-        if lm.name in MODEL_DEFAULTS:
-            return MODEL_DEFAULTS[lm.name]
-        layers = default_layers(lm.n_layers)
-        return cls(layer=layers[len(layers) // 2])
-
-    def replace(self, **changes: Any) -> FtHyperParams:
-        return dataclasses.replace(self, **changes)
-
-
-#: Defaults per model. Bundled model: the same layer as ROME (4, the MLP causal-tracing peak). eps and lr 5e-3, ten
-#: times the ROME paper's code: its 5e-4 is ~0.3% of this layer's W_out entry std (0.18) and, measured on 16 known
-#: facts of the fact set (CounterFact %, unedited S 0 / ES 0 / PS 3.1 / NS 88.8), writes nothing: ES 0. By eps (= lr):
-#: 2e-3 -> ES 12.5, PS 12.5, NS 82.5; 5e-3 -> ES 81.2, PS 31.2, NS 76.2; 2e-2 (lr 5e-3) -> ES 93.8, PS 71.9, NS 60.0;
-#: no box (lr 5e-4) -> ES 81.2, PS 56.2, NS 60.0. At 5e-3 the box still binds: most facts are written on their own
-#: prompt, few carry over to paraphrases, and neighbours pay -- the constrained fine-tuning baseline of the paper.
-MODEL_DEFAULTS: dict[str, FtHyperParams] = {
-    "smollm2-135m": FtHyperParams(layer=4, steps=25, lr=5e-3, norm_constraint=5e-3),
-}
+__all__ = ["FtHyperParams", "FtResult", "apply_ft", "clip_change"]
 
 
 @dataclass
@@ -136,16 +82,6 @@ def clip_change(w: Float[torch.Tensor, "*shape"], w0: Float[torch.Tensor, "*shap
 
 def _tokenised(lm: LoadedModel, requests: Sequence[EditRequest]) -> list[TokenisedPrompt]:
     return [tokenise_prompt(lm, r, "{}", r.target_new) for r in requests]
-
-
-def _batch_inputs(lm: LoadedModel, prompts: Sequence[TokenisedPrompt]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p.ids) for p in prompts)
-    ids = torch.full((len(prompts), width), lm.tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, p in enumerate(prompts):
-        ids[row, : len(p.ids)] = torch.tensor(p.ids)
-        mask[row, : len(p.ids)] = 1
-    return ids.to(lm.device), mask.to(lm.device)
 
 
 def target_nll(
@@ -194,7 +130,7 @@ def apply_ft(
     requests = check_requests(requests, lm.tokenizer)
     prompts = _tokenised(lm, requests)
     batches = [prompts[lo : lo + hp.batch] for lo in range(0, len(prompts), hp.batch)]
-    inputs = [_batch_inputs(lm, b) for b in batches]
+    inputs = [padded_batch(lm.tokenizer, [p.ids for p in b], lm.device) for b in batches]
     backup = WeightBackup.of(lm, (hp.layer,))
     param = lm.adapter.w_out_parameter(lm.model, hp.layer)
     w0 = backup.saved[hp.layer]

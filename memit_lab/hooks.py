@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -54,7 +54,29 @@ def _replace_first(value: Any, tensor: torch.Tensor) -> Any:
     return (tensor, *value[1:]) if isinstance(value, tuple) else tensor
 
 
-class Trace:
+_H = TypeVar("_H", bound="_Hooks")
+
+
+class _Hooks:
+    """What both tracers share: a ``with`` block that removes the hooks on exit and ends a stopped pass quietly."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _H) -> _H:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        self.close()
+        return exc_type is StopForward
+
+
+class Trace(_Hooks):
     """Record (and optionally edit) one module's input and output during forward passes.
 
     Args:
@@ -129,20 +151,8 @@ class Trace:
             handle.remove()
         self._handles.clear()
 
-    def __enter__(self) -> Trace:
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool:
-        self.close()
-        return exc_type is StopForward
-
-
-class TraceDict(dict[str, Trace]):
+class TraceDict(_Hooks, dict[str, Trace]):
     """Several :class:`Trace` at once: ``td[name].output`` after a forward pass.
 
     Keyword arguments are those of :class:`Trace` and apply to every module; ``stop``
@@ -177,20 +187,9 @@ class TraceDict(dict[str, Trace]):
             raise
 
     def close(self) -> None:
+        """Remove every trace's hooks (idempotent)."""
         for trace in self.values():
             trace.close()
-
-    def __enter__(self) -> TraceDict:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool:
-        self.close()
-        return exc_type is StopForward
 
 
 class StopForward(Exception):

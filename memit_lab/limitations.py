@@ -48,7 +48,7 @@ from jaxtyping import Float
 
 from .evaluate import mean_nll, paired_nll
 from .hooks import Trace
-from .memit import WeightBackup
+from .editing import WeightBackup
 from .models import LoadedModel
 from .requests import EditRequest
 from .zopt import tokenise_prompt

@@ -12,8 +12,10 @@ between, as in the paper's code), teacher-forced, so multi-token targets work.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from transformers import BatchEncoding, PreTrainedTokenizerBase
@@ -23,14 +25,23 @@ from .models import LoadedModel
 __all__ = [
     "SubjectNotFoundError",
     "TargetScores",
+    "check_target_pairs",
     "continuation",
     "encode",
     "generate",
     "last_subject_token",
+    "last_token_of_chars",
+    "padded_batch",
+    "padding_side",
     "subject_token_span",
+    "target_positions",
     "target_scores",
+    "token_span_of_chars",
     "top_predictions",
 ]
+
+Offsets = Sequence[Sequence[int]]
+"""Per token, its ``(start, end)`` characters in the text (a tokenizer's ``offset_mapping``)."""
 
 
 class SubjectNotFoundError(ValueError):
@@ -41,6 +52,66 @@ def check_prompt(prompt: str) -> None:
     """Refuse empty or blank prompts with a message that says what to pass."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
+
+
+def check_target_pairs(prompts: Sequence[str], targets: Sequence[str]) -> None:
+    """Refuse a target list that does not pair up with the prompts, or a blank prompt or target.
+
+    Example:
+        >>> check_target_pairs(["The capital of France is"], ["Paris"])
+        >>> check_target_pairs(["a b"], ["x", "y"])
+        Traceback (most recent call last):
+        ...
+        ValueError: got 1 prompts but 2 targets; pass one target per prompt
+    """
+    if len(prompts) != len(targets):
+        raise ValueError(f"got {len(prompts)} prompts but {len(targets)} targets; pass one target per prompt")
+    for prompt, target in zip(prompts, targets, strict=True):
+        check_prompt(prompt)
+        if not isinstance(target, str) or not target.strip():
+            raise ValueError(f"target must be a non-empty string, got {target!r} (prompt {prompt!r})")
+
+
+# --- tokens by character offsets ---------------------------------------------------------------------------------
+
+
+def token_span_of_chars(offsets: Offsets, start: int, end: int) -> tuple[int, int]:
+    """Token positions ``[first, stop)`` whose characters overlap characters ``[start, end)``.
+
+    Tokens without characters (special tokens, padding: offsets ``(0, 0)``) never count.
+
+    Example:
+        >>> token_span_of_chars([(0, 0), (0, 3), (3, 10), (10, 16), (16, 19)], 4, 16)
+        (2, 4)
+    """
+    inside = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
+    if not inside:
+        raise ValueError(f"no token covers characters {start}..{end}; is the span empty?")
+    return inside[0], inside[-1] + 1
+
+
+def last_token_of_chars(offsets: Offsets, start: int, end: int) -> int:
+    """Position of the last token overlapping characters ``[start, end)`` (the subject's last token, eq. 19).
+
+    Example:
+        >>> last_token_of_chars([(0, 0), (0, 3), (3, 10), (10, 16), (16, 19)], 4, 16)
+        3
+    """
+    return token_span_of_chars(offsets, start, end)[1] - 1
+
+
+def target_positions(offsets: Offsets, prompt: str) -> list[int]:
+    """Positions of the target's tokens in ``continuation(prompt, target)``: tokens ending after the prompt.
+
+    A token that straddles the boundary (the target's leading space glued to it) is the
+    target's; tokens without characters (special tokens, padding) are never.
+
+    Example:
+        >>> target_positions([(0, 3), (3, 6), (6, 12), (12, 13)], "The dog")
+        [2, 3]
+    """
+    boundary = len(prompt.rstrip())
+    return [i for i, (a, b) in enumerate(offsets) if b > a and b > boundary]
 
 
 def subject_token_span(tokenizer: PreTrainedTokenizerBase, prompt: str, subject: str) -> tuple[int, int]:
@@ -66,15 +137,73 @@ def subject_token_span(tokenizer: PreTrainedTokenizerBase, prompt: str, subject:
             f"subject {subject!r} does not occur in prompt {prompt!r}; write the prompt so it contains "
             "the subject verbatim (same case and spelling)"
         )
-    stop = begin + len(subject)
     offsets = tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"]
-    inside = [i for i, (a, b) in enumerate(offsets) if b > a and a < stop and b > begin]
-    return inside[0], inside[-1] + 1
+    return token_span_of_chars(offsets, begin, begin + len(subject))
 
 
 def last_subject_token(tokenizer: PreTrainedTokenizerBase, prompt: str, subject: str) -> int:
     """Position of the subject's last token -- where MEMIT reads keys and writes values."""
     return subject_token_span(tokenizer, prompt, subject)[1] - 1
+
+
+# --- batches and padding --------------------------------------------------------------------------------------
+
+
+def padded_batch(
+    tokenizer: PreTrainedTokenizerBase,
+    sequences: Sequence[Sequence[int]],
+    device: torch.device | str = "cpu",
+    *,
+    side: Literal["right", "left"] = "right",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id sequences as one padded batch: ids ``[batch, pos]`` and attention mask ``[batch, pos]``.
+
+    Both are ``torch.long``, ``pos`` is the longest sequence's length (0 if all are
+    empty), padding uses the tokenizer's pad id on ``side``.
+
+    Example:
+        >>> from memit_lab.tiny import tiny_tokenizer
+        >>> ids, mask = padded_batch(tiny_tokenizer(), [[5, 6, 7], [8]])
+        >>> ids.tolist(), mask.tolist()
+        ([[5, 6, 7], [8, 0, 0]], [[1, 1, 1], [1, 0, 0]])
+    """
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (load_model does)")
+    if side not in ("right", "left"):
+        raise ValueError(f"side must be 'right' or 'left', got {side!r}")
+    width = max((len(seq) for seq in sequences), default=0)
+    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        cols = slice(0, len(seq)) if side == "right" else slice(width - len(seq), width)
+        ids[row, cols] = torch.tensor(seq, dtype=torch.long)
+        mask[row, cols] = 1
+    return ids.to(device), mask.to(device)
+
+
+@contextmanager
+def padding_side(tokenizer: PreTrainedTokenizerBase, side: Literal["right", "left"]) -> Iterator[None]:
+    """Pad on ``side`` inside the block, then restore the side the tokenizer had before (also on errors).
+
+    Example:
+        >>> from memit_lab.tiny import tiny_tokenizer
+        >>> tok = tiny_tokenizer()
+        >>> tok.padding_side = "left"
+        >>> with padding_side(tok, "right"):
+        ...     tok.padding_side
+        'right'
+        >>> tok.padding_side
+        'left'
+    """
+    if side not in ("right", "left"):
+        raise ValueError(f"side must be 'right' or 'left', got {side!r}")
+    before = tokenizer.padding_side
+    tokenizer.padding_side = side
+    try:
+        yield
+    finally:
+        tokenizer.padding_side = before
 
 
 def encode(lm: LoadedModel, prompts: Sequence[str]) -> BatchEncoding:
@@ -132,12 +261,7 @@ def target_scores(
         >>> bool(s.prob[0] < 1)
         True
     """
-    if len(prompts) != len(targets):
-        raise ValueError(f"got {len(prompts)} prompts but {len(targets)} targets; pass one target per prompt")
-    for prompt, target in zip(prompts, targets, strict=True):
-        check_prompt(prompt)
-        if not isinstance(target, str) or not target.strip():
-            raise ValueError(f"target must be a non-empty string, got {target!r} (prompt {prompt!r})")
+    check_target_pairs(prompts, targets)
     logprobs: list[torch.Tensor] = []
     tokens: list[list[str]] = []
     for lo in range(0, len(prompts), batch_size):
@@ -147,12 +271,8 @@ def target_scores(
         offsets = enc.pop("offset_mapping")
         logits = lm.model(**enc.to(lm.device)).logits.float().log_softmax(-1).cpu()
         for row, prompt in enumerate(prompts[lo : lo + batch_size]):
-            boundary = len(prompt.rstrip())
-            positions = [
-                i
-                for i, (a, b) in enumerate(offsets[row].tolist())
-                if b > a and b > boundary and enc.attention_mask[row, i]
-            ]
+            # Padding has no characters, so it is never a target position.
+            positions = target_positions(offsets[row].tolist(), prompt)
             ids = enc.input_ids[row, positions].cpu()
             # The logit that predicts token i sits at position i - 1.
             logprobs.append(logits[row, torch.tensor(positions) - 1].gather(-1, ids[:, None])[:, 0])
@@ -188,11 +308,8 @@ def generate(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int = 20) 
     for prompt in prompts:
         check_prompt(prompt)
     tokenizer = lm.tokenizer
-    tokenizer.padding_side = "left"
-    try:
+    with padding_side(tokenizer, "left"):
         enc = tokenizer(list(prompts), return_tensors="pt", padding=True).to(lm.device)
-    finally:
-        tokenizer.padding_side = "right"
     out = lm.model.generate(
         **enc,
         max_new_tokens=max_new_tokens,

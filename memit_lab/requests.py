@@ -88,8 +88,32 @@ class EditRequest:
         return self.relation or self.template
 
     def formatted(self, context: str) -> str:
-        """The prompt placed in a context template (``"... . {}"``), as eq. 16's x_j + p."""
+        """The prompt placed in a context template (``"... . {}"``), as eq. 16's x_j + p.
+
+        Example:
+            >>> EditRequest("{} is in", "Paris", "Rome").formatted("I read that. {}")
+            'I read that. Paris is in'
+        """
+        if not isinstance(context, str) or context.count("{}") != 1:
+            raise InvalidRequestError(
+                f"context {context!r} must contain exactly one '{{}}' where the prompt goes, e.g. 'I read that. {{}}'"
+            )
         return context.replace("{}", self.text)
+
+    def subject_chars(self, context: str) -> tuple[int, int]:
+        """Characters ``[start, end)`` of the subject in :meth:`formatted` -- at its slot, even where the
+        context's own words repeat it.
+
+        Example:
+            >>> r = EditRequest("{} is in", "Paris", "Rome")
+            >>> start, end = r.subject_chars("Paris. {}")
+            >>> r.formatted("Paris. {}")[start:end], start
+            ('Paris', 7)
+        """
+        self.check()
+        self.formatted(context)  # refuses a context without exactly one slot
+        start = context.index("{}") + self.template.index("{}")
+        return start, start + len(self.subject)
 
     def check(self) -> None:
         """Raise :class:`InvalidRequestError` unless the request can be edited."""

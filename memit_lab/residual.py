@@ -51,11 +51,10 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 from jaxtyping import Float, Int
-from torch import nn
 
 from .hooks import TraceDict
 from .models import LoadedModel
-from .prompts import check_prompt, continuation
+from .prompts import check_prompt, continuation, target_positions
 
 __all__ = [
     "FrozenNorm",
@@ -336,8 +335,7 @@ def resolve_target(lm: LoadedModel, prompt: str, target: str | int) -> tuple[int
         raise ValueError(f"target must be a non-empty string or a token id, got {target!r}")
     check_prompt(prompt)
     enc = lm.tokenizer(continuation(prompt, target), return_offsets_mapping=True)
-    boundary = len(prompt.rstrip())
-    ids = [i for i, (a, b) in zip(enc.input_ids, enc.offset_mapping, strict=True) if b > a and b > boundary]
+    ids = [enc.input_ids[j] for j in target_positions(enc.offset_mapping, prompt)]
     text = lm.tokenizer.decode(ids[:1])
     if not ids or ids[0] == lm.tokenizer.unk_token_id or not text.strip():
         raise ValueError(
@@ -485,7 +483,7 @@ def freeze_final_norm(lm: LoadedModel, resid: Float[torch.Tensor, " d_model"]) -
         (True, True)
     """
     norm = lm.model.get_submodule(lm.adapter.final_norm)
-    centred = isinstance(norm, nn.LayerNorm)
+    centred = lm.adapter.centred_norm
     # The arithmetic runs in float32 whatever the model's dtype; the check allows for the module's own rounding.
     out, bias = norm(resid).float(), norm(torch.zeros_like(resid)).float()
     weight, x = norm.weight.detach().float(), resid.float()

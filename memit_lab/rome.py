@@ -8,7 +8,7 @@ ROME (Meng et al. 2022) writes one fact into W_out of one layer l:
    Adding delta to the MLP output m^l or to the block output h^l at that token is the same
    thing (eq. 2: nothing else of block l comes after m^l), so z at layer l serves.
 2. k: the key at layer l, averaged over the context prompts (eq. 19's average,
-   :func:`memit_lab.memit.edit_keys`).
+   :func:`memit_lab.editing.edit_keys`).
 3. Delta = (v - W k) (C^-1 k)^T / (k^T C^-1 k) with v = W k + delta
    (:func:`memit_lab.kv_memory.rome_rank_one_update`): after it, (W + Delta) k = v exactly,
    and among all updates doing so it disturbs the old keys least (C = E[k k^T], eq. 15).
@@ -22,7 +22,7 @@ Many facts are written one after the other, each on the model the previous one l
 (:func:`apply_rome`) -- the "ROME-sequential" of MEMIT's paper, which collapses after some
 thousands of edits where MEMIT's batch update holds. Differences from the reference,
 besides the key: the clamp and weight decay of delta are relative to ||h^l|| (the
-residual stream), not ||m^l||; :data:`MODEL_DEFAULTS` converts ROME's clamp 4 x ||m^l||
+residual stream), not ||m^l||; :data:`memit_lab.hparams.MODEL_DEFAULTS` converts ROME's clamp 4 x ||m^l||
 for the bundled model by measurement. Context prompts: ``n_contexts`` of one length
 (the reference: ten of 5 tokens and ten of 10).
 
@@ -44,76 +44,22 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from .editing import EditResult, NonFiniteUpdateError, WeightBackup, edit_keys, layer_second_moments, solve_device
+from .hparams import RomeHyperParams
 from .kv_memory import rome_rank_one_update
-from .memit import (
-    EditResult,
-    NonFiniteUpdateError,
-    WeightBackup,
-    default_layers,
-    edit_keys,
-    layer_second_moments,
-    solve_device,
-)
 from .models import LoadedModel
 from .requests import EditRequest, check_requests
-from .stats import DEFAULT_N_TOKENS
-from .zopt import ZParams, ZResult, context_templates, optimise_z
+from .zopt import ZResult, context_templates, optimise_z
 
-__all__ = ["MODEL_DEFAULTS", "RomeHyperParams", "RomeResult", "apply_rome"]
-
-
-@dataclass(frozen=True)
-class RomeHyperParams:
-    """Everything ROME's result depends on besides the model and the requests.
-
-    Attributes:
-        layer: l, the one layer whose W_out is edited.
-        z: the optimisation of delta (eq. 16; :class:`memit_lab.zopt.ZParams`). The paper's code
-            for ROME: 20 steps, lr 0.5, weight decay 0.5, KL weight 0.0625, clamp 4 x ||m^l||.
-        stats_tokens: tokens of generic text for C = E[k k^T] (:func:`memit_lab.stats.key_second_moment`).
-        key_batch: prompts per forward pass when reading keys.
-    """
-
-    layer: int
-    z: ZParams = field(default_factory=lambda: ZParams(steps=20, clamp=4.0, n_contexts=10))
-    stats_tokens: int = DEFAULT_N_TOKENS
-    key_batch: int = 64
-
-    def __post_init__(self) -> None:
-        if self.layer < 0:
-            raise ValueError(f"layer must be a layer index (>= 0), got {self.layer}")
-
-    @classmethod
-    def for_model(cls, lm: LoadedModel) -> RomeHyperParams:
-        """Measured defaults for the bundled model (:data:`MODEL_DEFAULTS`), else the middle of
-        :func:`memit_lab.memit.default_layers` (the paper: GPT-J layer 5 of MEMIT's 3-8)."""
-        if lm.name in MODEL_DEFAULTS:
-            return MODEL_DEFAULTS[lm.name]
-        layers = default_layers(lm.n_layers)
-        return cls(layer=layers[len(layers) // 2])
-
-    def replace(self, **changes: Any) -> RomeHyperParams:
-        return dataclasses.replace(self, **changes)
-
-
-#: Defaults per model. Bundled model: layer 4, the centre of the MLP causal-tracing peak
-#: (layers 0-8, shared/docs/bundled-model.md) and inside MEMIT's range 3-7. Clamp: the
-#: reference's 4 x ||m^l|| expressed relative to ||h^l|| -- at layer 4, at the subject's
-#: last token of the first 50 fact-set edit prompts, ||m^4|| / ||h^4|| is 0.30 on average
-#: (median 0.33; layer 3: 0.30), so 4 x ||m|| ~ 1.2 x ||h||.
-MODEL_DEFAULTS: dict[str, RomeHyperParams] = {
-    "smollm2-135m": RomeHyperParams(layer=4, z=ZParams(steps=20, clamp=1.2, n_contexts=10)),
-}
+__all__ = ["RomeHyperParams", "RomeResult", "apply_rome"]
 
 
 @dataclass

@@ -12,7 +12,7 @@ Three runs of one prompt (ROME, Meng et al. 2022, section 2.1):
 
 :func:`trace` fills the grid of every (layer, token) restoration; MEMIT's finding is
 that MLP outputs at the *last subject token* in early-middle layers carry the fact,
-which is where :func:`recommend_layers` tells MEMIT to write.
+which is where :func:`memit_lab.layer_choice.recommend_layers` tells MEMIT to write.
 
 How the grid is computed (``batched=True``): restoring a state at token ``t`` in
 layer ``l`` changes nothing below layer ``l`` and nothing before token ``t``
@@ -21,9 +21,12 @@ input and its attention keys and values; each restoration then starts at the fir
 block it changes, from the cached corrupted state, for tokens ``t..`` only (the keys
 and values of tokens ``< t`` come from the corrupted run), with all the layers and
 noise samples of one token in one batch that grows as the restorations join it. The
-blocks are called directly, with the arguments the model itself passes them
-(captured by a pre-hook), so no architecture is named here. ``batched=False`` runs
-the plain loop, one forward pass per cell, as the reference.
+blocks are replayed (:mod:`memit_lab.replay`) with the arguments the model itself passes
+them, so no architecture is named here. ``batched=False`` runs the plain loop, one
+forward pass per cell, as the reference.
+
+The pictures are in :mod:`memit_lab.tracing_plots`; the choice of MEMIT's edit layers
+from these traces in :mod:`memit_lab.layer_choice`.
 
 Example:
     >>> from memit_lab import load_model
@@ -38,7 +41,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -47,21 +49,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-import matplotlib.pyplot as plt
 import pandas as pd
-import seaborn as sns
 import torch
 from jaxtyping import Float, Int
-from matplotlib.axes import Axes
-from matplotlib.figure import Figure
-from torch import nn
 from tqdm.auto import tqdm
-from transformers import Cache, DynamicCache
 
 from .cache import atomic_dir, cache_root, locked, read_manifest, write_manifest
 from .hooks import Trace, TraceDict
 from .models import LoadedModel
 from .prompts import check_prompt, subject_token_span
+from .replay import KeysValues, Recording, readout, record, replay_block
 from .residual import resolve_target
 
 __all__ = [
@@ -69,13 +66,15 @@ __all__ = [
     "KINDS",
     "AverageEffect",
     "CausalTrace",
-    "LayerRecommendation",
-    "NoTraceableFactsError",
+    "FactLike",
     "average_indirect_effect",
+    "cached_json",
     "category_positions",
+    "check_facts",
+    "check_trace_settings",
     "embedding_noise",
-    "recommend_layers",
     "restored_prob",
+    "restored_window",
     "trace",
     "trace_all",
 ]
@@ -96,9 +95,6 @@ CATEGORIES = (
 
 #: A state to restore or freeze: (kind, layer, token position).
 State = tuple[str, int, int]
-
-#: The positional and keyword arguments a model passes one of its blocks.
-BlockCall = tuple[tuple[Any, ...], dict[str, Any]]
 
 
 @runtime_checkable
@@ -135,7 +131,7 @@ def embedding_noise(lm: LoadedModel, factor: float = 3.0, *, use_cache: bool = T
     if not use_cache:
         return factor * _embedding_std(lm)
     folder = cache_root() / "tracing" / f"embedding-std-{lm.fingerprint()}"
-    return factor * _cached_json(folder, "std.json", lambda: {"std": _embedding_std(lm)})["std"]
+    return factor * cached_json(folder, "std.json", lambda: {"std": _embedding_std(lm)})["std"]
 
 
 def _embedding_std(lm: LoadedModel) -> float:
@@ -146,11 +142,12 @@ def _embedding_std(lm: LoadedModel) -> float:
     return math.sqrt(squares / (weights.numel() - 1))
 
 
-def _cached_json(
+def cached_json(
     folder: Path, name: str, compute: Callable[[], dict[str, Any]], about: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """The JSON file ``name`` of cache ``folder``; computed and written (atomically, under a lock) when missing
-    or damaged. ``about`` goes into the manifest, to say what the entry was computed from."""
+    """The JSON file ``name`` of cache ``folder`` (the on-disk cache of tracing's results: the noise scale,
+    :func:`memit_lab.layer_choice.recommend_layers`); computed and written (atomically, under a lock) when
+    missing or damaged. ``about`` goes into the manifest, to say what the entry was computed from."""
     with locked(folder):
         if read_manifest(folder) is not None:
             cached: dict[str, Any] = json.loads((folder / name).read_text())
@@ -171,7 +168,8 @@ def _check_kind(kind: str, window: int, n_layers: int) -> None:
         )
 
 
-def _check_settings(samples: int, noise: float | None, severed: str | None, kind: str) -> None:
+def check_trace_settings(samples: int, noise: float | None, severed: str | None, kind: str) -> None:
+    """Refuse settings :func:`trace` cannot use, with what to pass instead."""
     if not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples must be a positive int (noise draws averaged per cell), got {samples!r}")
     if noise is not None and not (math.isfinite(noise) and noise > 0):
@@ -182,7 +180,8 @@ def _check_settings(samples: int, noise: float | None, severed: str | None, kind
         raise ValueError("severed tracing restores hidden states; pass kind='hidden' with severed='mlp' or 'attn'")
 
 
-def _check_facts(facts: Sequence[FactLike]) -> tuple[FactLike, ...]:
+def check_facts(facts: Sequence[FactLike]) -> tuple[FactLike, ...]:
+    """The facts as a tuple; refused when empty or when one lacks a prompt, subject or target."""
     chosen = tuple(facts)
     if not chosen:
         raise ValueError("facts is empty; pass facts the model knows, e.g. memit_lab.facts.KNOWN_FACTS")
@@ -205,21 +204,6 @@ def _resolve_target(lm: LoadedModel, prompt: str, target: str | int | None, clea
 # -- the clean and corrupted runs -------------------------------------------------------------------------------
 
 
-class _KVRecorder(DynamicCache):
-    """A cache that keeps each layer's attention keys and values as the attention module sees them."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
-        self.kv[layer_idx] = (keys, values)
-        return keys, values
-
-
 @dataclass
 class _Run:
     """What one forward pass (clean: batch 1; corrupted: one row per noise sample) leaves behind.
@@ -231,7 +215,7 @@ class _Run:
 
     resid: Float[torch.Tensor, "layer_plus_1 batch pos d_model"]
     outputs: dict[str, Float[torch.Tensor, "layer batch pos d_model"]]
-    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    kv: KeysValues
     logits: Float[torch.Tensor, "batch d_vocab"]
 
 
@@ -247,7 +231,7 @@ class _Setup:
     seed: int
     clean: _Run
     corrupt: _Run
-    calls: dict[int, list[BlockCall]] = field(default_factory=dict)
+    suffixes: dict[int, Recording] = field(default_factory=dict)
 
     @property
     def n_pos(self) -> int:
@@ -277,20 +261,18 @@ def _seen(x: torch.Tensor | None, name: str) -> torch.Tensor:
 
 @torch.no_grad()
 def _record_run(lm: LoadedModel, ids: torch.Tensor, noise: torch.Tensor | None, span: tuple[int, int]) -> _Run:
-    a, n = lm.adapter, lm.n_layers
-    names = {kind: [_module_name(lm, kind, layer) for layer in range(n)] for kind in KINDS}
-    cache = _KVRecorder()
+    a = lm.adapter
+    names = {kind: [_module_name(lm, kind, layer) for layer in range(lm.n_layers)] for kind in KINDS}
     with ExitStack() as stack:
         if noise is not None:
             stack.enter_context(Trace(lm.model, a.embed, edit_output=_add_noise(noise, span)))
         td = stack.enter_context(TraceDict(lm.model, [n for kind in KINDS for n in names[kind]], retain_input=True))
-        logits = lm.model(input_ids=ids, cache=cache, use_cache=True).logits[:, -1].float()
+        run = record(lm, ids, blocks=(), logits_to_keep=0)
+    assert run.logits is not None
     blocks = names["hidden"]
     resid = torch.stack([*(_seen(td[b].input, b) for b in blocks), _seen(td[blocks[-1]].output, blocks[-1])])
     outputs = {kind: torch.stack([_seen(td[m].output, m) for m in names[kind]]) for kind in ("mlp", "attn")}
-    if sorted(cache.kv) != list(range(n)):
-        raise RuntimeError(f"{lm.name}: attention did not report keys and values for every layer; use batched=False")
-    return _Run(resid, outputs, [cache.kv[layer] for layer in range(n)], logits)
+    return _Run(resid, outputs, run.kv, run.logits[:, -1].float())
 
 
 def _prepare(
@@ -393,13 +375,13 @@ def restored_prob(
         >>> abs(restored_prob(lm, prompt, "France", everything, samples=2) - clean) < 1e-6
         True
     """
-    _check_settings(samples, noise, None, "hidden")
+    check_trace_settings(samples, noise, None, "hidden")
     setup = _prepare(lm, prompt, subject, target, noise, samples, seed)
     _check_states(lm, [*restore, *freeze], setup.n_pos)
     return _patched_prob(lm, setup, restore, freeze)
 
 
-def _window(layer: int, window: int, n_layers: int) -> range:
+def restored_window(layer: int, window: int, n_layers: int) -> range:
     """The layers restored together for the cell centred on ``layer`` (ROME's window: ``w // 2`` below)."""
     return range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2)))
 
@@ -409,7 +391,7 @@ def _cell_states(
 ) -> tuple[list[State], list[State]]:
     """What the cell (layer, pos) restores and freezes."""
     if kind != "hidden":
-        return [(kind, w, pos) for w in _window(layer, window, lm.n_layers)], []
+        return [(kind, w, pos) for w in restored_window(layer, window, lm.n_layers)], []
     frozen = [] if severed is None else [(severed, later, pos) for later in range(layer + 1, lm.n_layers)]
     return [("hidden", layer, pos)], frozen
 
@@ -427,68 +409,17 @@ def _column_per_cell(
 # -- the fast grid: each restoration computed only where it changes something -----------------------------------
 
 
-class _Prefix(DynamicCache):
-    """One layer's keys and values of the tokens before the computed ones; it never grows."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        super().__init__()
-        self.prefix = (keys, values)
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, values = self.prefix
-        return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
-
-
 @torch.no_grad()
-def _block_calls(lm: LoadedModel, setup: _Setup, start: int) -> list[BlockCall]:
-    """The arguments the model passes each block to compute tokens ``start..`` with the earlier ones cached.
+def _suffix_recording(lm: LoadedModel, setup: _Setup, start: int) -> Recording:
+    """The clean prompt's tokens ``start..`` recorded with the earlier ones as a key/value prefix.
 
-    The model builds them itself (attention mask, positions, rotary tables, ...), from a
-    batch-1 pass over the suffix with a cache of the clean prefix; a pre-hook keeps them.
+    Its block calls hold what the model passes each block for those tokens (attention
+    mask, positions, rotary tables, ...), batch 1: replaying broadcasts them over the rows.
     """
-    if start in setup.calls:
-        return setup.calls[start]
-    calls: list[BlockCall] = []
-
-    def keep(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        calls.append((args, kwargs))
-
-    prefix = [(k[:, :, :start], v[:, :, :start]) for k, v in setup.clean.kv]
-    cache = DynamicCache(ddp_cache_data=prefix) if start else DynamicCache()
-    blocks = [lm.model.get_submodule(lm.adapter.block(layer)) for layer in range(lm.n_layers)]
-    handles = [block.register_forward_pre_hook(keep, with_kwargs=True) for block in blocks]
-    try:
-        lm.model(input_ids=setup.ids[:, start:], cache=cache, use_cache=True, logits_to_keep=1)
-    finally:
-        for handle in handles:
-            handle.remove()
-    if not any(isinstance(v, Cache) for args, kwargs in calls for v in (*args, *kwargs.values())):
-        raise RuntimeError(f"{lm.name} does not pass its cache to the blocks; trace it with batched=False")
-    setup.calls[start] = calls
-    return calls
-
-
-def _call_block(block: nn.Module, call: BlockCall, hidden: torch.Tensor, prefix: _Prefix) -> torch.Tensor:
-    """Run one block on ``hidden`` ``[rows, pos, d_model]`` as the model would, attending to ``prefix`` too.
-
-    Tensors captured from the batch-1 pass (mask, positions) broadcast over the rows.
-    """
-    args, kwargs = call
-    args = tuple(prefix if isinstance(a, Cache) else a for a in args)
-    kwargs = {k: prefix if isinstance(v, Cache) else v for k, v in kwargs.items()}
-    if args:
-        args = (hidden, *args[1:])
-    else:
-        kwargs["hidden_states"] = hidden
-    out = block(*args, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
-
-
-def _readout(lm: LoadedModel, last: Float[torch.Tensor, "rows d_model"]) -> Float[torch.Tensor, "rows d_vocab"]:
-    norm = lm.model.get_submodule(lm.adapter.final_norm)
-    return lm.model.get_submodule(lm.adapter.unembed)(norm(last)).float()
+    if start not in setup.suffixes:
+        prefix = setup.clean.kv.before(start) if start else None
+        setup.suffixes[start] = record(lm, setup.ids[:, start:], prefix=prefix)
+    return setup.suffixes[start]
 
 
 @dataclass
@@ -510,11 +441,11 @@ def _column_fast(
     """Every layer's restoration at token ``pos``, computed for tokens ``pos..`` and the blocks it changes."""
     n, samples = lm.n_layers, setup.noise.shape[0]
     clean, corrupt = setup.clean, setup.corrupt
-    calls = _block_calls(lm, setup, pos)
+    recording = _suffix_recording(lm, setup, pos)
     # Which grid layers join before block b, and the state they bring.
     joining: dict[int, list[int]] = {}
     for layer in range(n):
-        first = layer + 1 if kind == "hidden" else _window(layer, window, n)[0]
+        first = layer + 1 if kind == "hidden" else restored_window(layer, window, n)[0]
         joining.setdefault(first, []).append(layer)
     rows = _Rows()
     x = corrupt.resid[0][:, pos:][:0]
@@ -530,13 +461,12 @@ def _column_fast(
         if not rows.layers:
             continue
         edit = _block_edit(lm, setup, kind, window, severed, pos, b, rows.layers)
-        keys, values = (t[:, :, :pos].repeat(len(rows.layers), 1, 1, 1) for t in corrupt.kv[b])
-        block = lm.model.get_submodule(lm.adapter.block(b))
+        keys, values = (t[:, :, :pos].repeat(len(rows.layers), 1, 1, 1) for t in corrupt.kv.layer(b))
         with ExitStack() as stack:
             if edit is not None:
                 stack.enter_context(Trace(lm.model, edit[0], edit_output=edit[1], retain_output=False))
-            x = _call_block(block, calls[b], x, _Prefix(keys, values))
-    probs = _readout(lm, x[:, -1]).softmax(-1)[:, setup.target_id].double()
+            x = replay_block(lm, recording, b, x, (keys, values))
+    probs = readout(lm, x[:, -1]).softmax(-1)[:, setup.target_id].double()
     column = torch.empty(n, dtype=torch.float64)
     column[rows.layers] = probs.view(len(rows.layers), samples).mean(1).cpu()
     return column
@@ -548,7 +478,7 @@ def _block_edit(
     """Inside block ``b``: restore (kind mlp/attn) or freeze (severed) the module output at the first token."""
     samples = setup.noise.shape[0]
     if kind != "hidden":
-        groups = [i for i, layer in enumerate(layers) if b in _window(layer, window, lm.n_layers)]
+        groups = [i for i, layer in enumerate(layers) if b in restored_window(layer, window, lm.n_layers)]
         value = setup.clean.outputs[kind][b][0, pos]
         module = kind
     elif severed is not None:
@@ -595,14 +525,6 @@ def _grid(
 
 
 # -- the result of one trace ------------------------------------------------------------------------------------
-
-
-_CMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
-_XLABEL = {
-    "hidden": "single restored layer",
-    "mlp": "centre of {w} restored MLP layers",
-    "attn": "centre of {w} restored attention layers",
-}
 
 
 @dataclass(frozen=True)
@@ -661,30 +583,6 @@ class CausalTrace:
     def peaks(self, k: int = 5) -> pd.DataFrame:
         """The ``k`` cells that bring back most of the answer."""
         return self.to_frame().nlargest(k, "score").reset_index(drop=True)
-
-    def plot(self, *, ax: Axes | None = None) -> Figure:
-        """Heatmap in the style of ROME's figure 1: tokens (rows, subject marked ``*``) by layers."""
-        labels = [f"{tok!r}*" if self.subject_span[0] <= i < self.subject_span[1] else repr(tok)
-                  for i, tok in enumerate(self.tokens)]  # fmt: skip
-        grid = pd.DataFrame(self.scores.T.numpy(), index=labels, columns=range(self.scores.shape[0]))
-        if ax is None:
-            fig, ax = plt.subplots(figsize=(0.16 * grid.shape[1] + 2.6, 0.3 * grid.shape[0] + 1.2))
-        else:
-            fig = ax.get_figure(root=True)  # type: ignore[assignment]  # an Axes always sits in a Figure
-        sns.heatmap(
-            grid,
-            ax=ax,
-            cmap=_CMAPS[self.kind],
-            vmin=min(self.corrupted_prob, float(self.scores.nan_to_num(math.inf).min())),
-            cbar_kws={"label": f"P({self.target!r})"},
-        )
-        ax.tick_params(axis="both", labelsize=7)
-        ax.set_xlabel(_XLABEL[self.kind].format(w=self.window))
-        what = {"hidden": "state", "mlp": "MLP", "attn": "attention"}[self.kind]
-        severed = "" if self.severed is None else f", {self.severed} severed"
-        ax.set_title(f"Restoring {what} after corrupting the subject{severed}", fontsize=9)
-        fig.tight_layout()
-        return fig
 
 
 def _result(
@@ -767,7 +665,7 @@ def trace(
         ['layer', 'pos', 'token', 'subject', 'score', 'indirect_effect']
     """
     _check_kind(kind, window, lm.n_layers)
-    _check_settings(samples, noise, severed, kind)
+    check_trace_settings(samples, noise, severed, kind)
     setup = _prepare(lm, prompt, subject, target, noise, samples, seed)
     report = on_progress or (lambda fraction: None)
     return _result(lm, setup, prompt, subject, kind, window, severed, positions, batched, report)
@@ -800,7 +698,7 @@ def trace_all(
     """
     for kind in kinds:
         _check_kind(kind, window, lm.n_layers)
-        _check_settings(samples, noise, None, kind)
+        check_trace_settings(samples, noise, None, kind)
     setup = _prepare(lm, prompt, subject, target, noise, samples, seed)
     report = on_progress or (lambda fraction: None)
 
@@ -873,28 +771,6 @@ class AverageEffect:
         """The average indirect effect per layer for one kind and category."""
         return self.effect[self.kinds.index(kind), self.categories.index(category)]
 
-    def plot(self) -> Figure:
-        """One panel per kind, one line per token category, as in ROME's figure 2."""
-        frame = self.to_frame().dropna()
-        fig, axes = plt.subplots(1, len(self.kinds), figsize=(4.2 * len(self.kinds), 3.4), sharey=True, squeeze=False)
-        for ax, kind in zip(axes[0], self.kinds, strict=True):
-            sns.lineplot(
-                frame[frame.kind == kind], x="layer", y="effect", hue="category", ax=ax, legend=ax is axes[0, 0]
-            )
-            what = {
-                "hidden": "hidden state",
-                "mlp": f"MLP (window {self.window})",
-                "attn": f"attention (window {self.window})",
-            }
-            ax.set_title(f"restoring {what[kind]}", fontsize=9)
-            ax.set_ylabel("average indirect effect")
-        axes[0, 0].legend(fontsize=7)
-        fig.suptitle(
-            f"Average indirect effect over {len(self.traces)} facts ({self.samples} noise samples each)", fontsize=10
-        )
-        fig.tight_layout()
-        return fig
-
 
 def average_indirect_effect(
     lm: LoadedModel,
@@ -920,10 +796,10 @@ def average_indirect_effect(
         >>> avg.effect.shape, dict(zip(avg.categories, avg.counts))["last subject token"]
         (torch.Size([3, 6, 3]), 2)
     """
-    facts = _check_facts(facts)
+    facts = check_facts(facts)
     for kind in kinds:
         _check_kind(kind, window, lm.n_layers)
-    _check_settings(samples, noise, None, "hidden")
+    check_trace_settings(samples, noise, None, "hidden")
     scale = embedding_noise(lm) if noise is None else noise
     effects = torch.full((len(facts), len(kinds), len(CATEGORIES), lm.n_layers), math.nan, dtype=torch.float64)
     traces, clean, corrupted = [], [], []
@@ -957,199 +833,3 @@ def average_indirect_effect(
         corrupted_prob=sum(corrupted) / len(corrupted),
         traces=tuple(traces),
     )
-
-
-# -- where to edit: MEMIT's layer range R ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LayerRecommendation:
-    """MEMIT's edit layers R, chosen from causal tracing, with the evidence.
-
-    Attributes:
-        layers: the recommended R, ``n`` consecutive layers (MEMIT writes z at ``max(R)``).
-        effect: ``[layer]`` the average indirect effect, at the last subject token, of
-            restoring the MLP outputs of the ``n`` layers centred on each layer.
-        per_fact: ``[fact, layer]`` the same for each fact.
-        n, samples, noise, seed: the settings; ``criterion``: the rule in words.
-    """
-
-    layers: tuple[int, ...]
-    effect: Float[torch.Tensor, " layer"]
-    per_fact: Float[torch.Tensor, "fact layer"]
-    n: int
-    samples: int
-    noise: float
-    seed: int
-    criterion: str = (
-        "R = the n consecutive layers whose MLP outputs, restored together at the last subject token, bring back "
-        "the most of P(target) on average (largest average indirect effect among the full windows of n layers)"
-    )
-
-    def to_frame(self) -> pd.DataFrame:
-        """One row per centre layer: the window it stands for and its average indirect effect."""
-        n_layers = self.effect.shape[0]
-        windows = [_window(c, self.n, n_layers) for c in range(n_layers)]
-        return pd.DataFrame(
-            {
-                "centre": range(n_layers),
-                "window": [f"{w[0]}-{w[-1]}" for w in windows],
-                "full_window": [len(w) == self.n for w in windows],
-                "effect": self.effect.numpy(),
-                "std_error": (self.per_fact.std(0) / math.sqrt(self.per_fact.shape[0])).numpy(),
-                "chosen": [tuple(w) == self.layers for w in windows],
-            }
-        )
-
-    def plot(self, *, ax: Axes | None = None) -> Figure:
-        """The evidence curve, with the chosen window shaded."""
-        if ax is None:
-            fig, ax = plt.subplots(figsize=(6.4, 3.2))
-        else:
-            fig = ax.get_figure(root=True)  # type: ignore[assignment]  # an Axes always sits in a Figure
-        frame = self.to_frame()
-        ax.errorbar(frame.centre, frame.effect, yerr=frame.std_error, color="tab:green", marker="o", markersize=3)
-        ax.axvspan(
-            self.layers[0] - 0.5,
-            self.layers[-1] + 0.5,
-            color="tab:green",
-            alpha=0.15,
-            label=f"R = {self.layers[0]}-{self.layers[-1]}",
-        )
-        ax.set_xlabel(f"centre of {self.n} restored MLP layers (last subject token)")
-        ax.set_ylabel("average indirect effect")
-        ax.set_title(
-            f"Where the facts are written: {self.per_fact.shape[0]} facts, {self.samples} noise samples", fontsize=9
-        )
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        return fig
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "layers": list(self.layers),
-            "effect": self.effect.tolist(),
-            "per_fact": self.per_fact.tolist(),
-            "n": self.n,
-            "samples": self.samples,
-            "noise": self.noise,
-            "seed": self.seed,
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> LayerRecommendation:
-        return cls(
-            layers=tuple(data["layers"]),
-            effect=torch.tensor(data["effect"], dtype=torch.float64),
-            per_fact=torch.tensor(data["per_fact"], dtype=torch.float64),
-            n=data["n"],
-            samples=data["samples"],
-            noise=data["noise"],
-            seed=data["seed"],
-        )
-
-
-def _best_window(effect: Float[torch.Tensor, " layer"], n: int) -> tuple[int, ...]:
-    """The full window of ``n`` layers with the largest effect (ties: the lowest)."""
-    n_layers = effect.shape[0]
-    centres = [c for c in range(n_layers) if len(_window(c, n, n_layers)) == n]
-    best = max(centres, key=lambda c: (float(effect[c]), -c))
-    return tuple(_window(best, n, n_layers))
-
-
-class NoTraceableFactsError(ValueError):
-    """None of the default facts' objects is a token of this model's vocabulary, so none can be traced."""
-
-
-def _default_facts(lm: LoadedModel) -> tuple[FactLike, ...]:
-    """Every fourth fact of :data:`memit_lab.facts.KNOWN_FACTS` whose object starts with a token of its own here."""
-    from .facts import KNOWN_FACTS
-
-    usable = []
-    for fact in KNOWN_FACTS[::4]:
-        try:
-            resolve_target(lm, fact.prompt, fact.target)
-        except ValueError:
-            continue  # e.g. a tiny test vocabulary that spells " Paris" letter by letter
-        usable.append(fact)
-    if not usable:
-        raise NoTraceableFactsError(
-            f"no default fact's object is a token of {lm.name}'s vocabulary; pass facts=[...] that the model knows"
-        )
-    return tuple(usable)
-
-
-def recommend_layers(
-    lm: LoadedModel,
-    facts: Sequence[FactLike] | None = None,
-    n: int = 5,
-    *,
-    samples: int = 5,
-    noise: float | None = None,
-    seed: int = 0,
-    use_cache: bool = True,
-    progress: bool = False,
-) -> LayerRecommendation:
-    """Choose MEMIT's edit layers R from where the MLPs at the last subject token carry the facts.
-
-    Criterion: for every centre layer c, restore the MLP outputs of the ``n`` layers
-    centred on c (ROME's window, ``n // 2`` below c) at the last subject token, and average
-    the indirect effect over ``facts``; R is the full window with the largest average
-    (MEMIT section 3: the MLPs that mediate the recall of the subject's facts). The result
-    is cached on disk per model fingerprint, facts and settings.
-
-    Args:
-        facts: facts the model knows (default: every fourth of :data:`memit_lab.facts.KNOWN_FACTS`,
-            those whose object is a token of the model's vocabulary).
-        n: how many layers R holds (MEMIT: 5-6).
-        samples, noise, seed: as in :func:`trace`.
-        use_cache: read and write the on-disk cache.
-
-    Example:
-        >>> from memit_lab import load_model
-        >>> from memit_lab.facts import KNOWN_FACTS
-        >>> lm = load_model("tiny-gpt2")
-        >>> rec = recommend_layers(lm, KNOWN_FACTS[:3], n=2, samples=2, use_cache=False)
-        >>> len(rec.layers), rec.layers in [(0, 1), (1, 2)]
-        (2, True)
-    """
-    if not isinstance(n, int) or not 1 <= n <= lm.n_layers:
-        raise ValueError(
-            f"n={n!r} layers do not fit a model of {lm.n_layers} layers; pass n between 1 and {lm.n_layers}"
-        )
-    _check_settings(samples, noise, None, "mlp")
-    chosen = _default_facts(lm) if facts is None else _check_facts(facts)
-    scale = embedding_noise(lm, use_cache=use_cache) if noise is None else float(noise)
-    if not use_cache:
-        return _recommend(lm, chosen, n, samples, scale, seed, progress)
-    key = {
-        "model": lm.fingerprint(),
-        "facts": [[f.prompt, f.subject, f.target] for f in chosen],
-        "n": n,
-        "samples": samples,
-        "noise": scale,
-        "seed": seed,
-    }
-    digest = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=10).hexdigest()
-    folder = cache_root() / "tracing" / f"layers-{digest}"
-    data = _cached_json(
-        folder, "recommendation.json", lambda: _recommend(lm, chosen, n, samples, scale, seed, progress).to_json(),
-        {"key": key},
-    )  # fmt: skip
-    return LayerRecommendation.from_json(data)
-
-
-def _recommend(
-    lm: LoadedModel, facts: Sequence[FactLike], n: int, samples: int, noise: float, seed: int, progress: bool
-) -> LayerRecommendation:
-    columns = []
-    for fact in tqdm(facts, desc="tracing MLPs", disable=not progress):
-        last = subject_token_span(lm.tokenizer, fact.prompt, fact.subject)[1] - 1
-        result = trace(
-            lm, fact.prompt, fact.subject, fact.target, kind="mlp", window=n, noise=noise, samples=samples,
-            seed=seed, positions=[last],
-        )  # fmt: skip
-        columns.append(result.indirect_effect[:, last])
-    per_fact = torch.stack(columns)
-    effect = per_fact.mean(0)
-    return LayerRecommendation(_best_window(effect, n), effect, per_fact, n, samples, noise, seed)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from .datasets import CounterFactRecord
 from .evaluate import counterfact_summary
 from .experiments import TargetPool, cached_run, default_hparams
-from .memit import MemitHyperParams
+from .hparams import MemitHyperParams
 from .models import LoadedModel
 
 __all__ = ["RelationStudy", "Tradeoff", "interleave", "relation_study", "tradeoff_grid"]

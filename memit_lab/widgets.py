@@ -1,22 +1,24 @@
 """Interactive explorers for JupyterLab: trace a fact, edit it, watch the answers change, undo with one click.
 
-Three panels share one :class:`ExplorerState` (the model, the last recommendation, the stack
+Three panels share one :class:`ExplorerState` (the model, the hyper-parameters, the stack
 of applied edits):
 
 * **Trace explorer** -- causal tracing of one prompt (:func:`memit_lab.tracing.trace`):
   the heatmap and the edit layers it suggests;
-* **Edit playground** -- one or more facts rewritten with MEMIT or ROME; before/after
-  probabilities of the new object and greedy generations for each edit prompt, a
-  paraphrase and a neighbour; **Undo** puts back the W_out weights saved before the edit,
-  bit for bit;
+* **Edit playground** -- one or more facts rewritten with any method of the registry
+  (:data:`memit_lab.methods.METHODS`: MEMIT, ROME, FT-W, ...); before/after probabilities of the
+  new object and greedy generations for each edit prompt, a paraphrase and a neighbour;
+  **Undo** puts back the W_out weights the edit overwrote, bit for bit (its
+  :meth:`memit_lab.editing.EditResult.restore`);
 * **Logit lens** -- what each residual state h^L predicts (paper eq. 2-6), with
   :mod:`memit_lab.residual_plots`' pictures.
 
 This module sits on the top floor: it holds no mathematics. Each button's callback is a
 few lines that call a plain function -- :func:`run_trace`, :func:`apply_edit`,
 :func:`undo`, :func:`run_lens` -- and show what it returns: a view (a small dataclass with
-``.to_frame()`` / ``.plot()``) or a :class:`Message` when the input cannot be used. Tests
-call the plain functions directly.
+``.to_frame()`` / ``.plot()``) or a :class:`Message` when the input cannot be used; the
+views and their HTML are in :mod:`memit_lab.explorer_views`. Tests call the plain functions
+directly.
 
 Example:
     >>> from memit_lab import load_model
@@ -28,17 +30,18 @@ Example:
     True
     >>> view.layers, view.rome_layer  # the default edit layers: MEMIT's (from causal tracing), ROME's
     ((1, 2), 1)
+    >>> method_labels()[:3]  # one choice per registered method
+    ('MEMIT', 'ROME', 'FT-W')
 """
 
 from __future__ import annotations
 
-import html
 import math
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import ipywidgets as w
 import matplotlib.pyplot as plt
@@ -47,20 +50,30 @@ import torch
 from IPython.display import display
 from matplotlib.figure import Figure
 
+from .editing import EditResult, WeightBackup
+from .explorer_views import (
+    EditView,
+    FactEdit,
+    LensView,
+    Message,
+    TraceView,
+    UndoView,
+    View,
+    layer_text,
+    render,
+)
 from .facts import KNOWN_FACTS, Fact
-from .memit import MemitHyperParams, apply_memit
+from .layer_choice import recommend_layers
+from .methods import METHODS, Method, get_method
 from .models import LoadedModel
 from .prompts import check_prompt, generate, subject_token_span, target_scores
 from .requests import EditRequest
-from .residual import LogitAttribution, LogitLens, direct_logit_attribution, logit_lens, run_with_cache
-from .residual_plots import plot_attribution, plot_logit_lens
-from .rome import RomeHyperParams, apply_rome
+from .residual import direct_logit_attribution, logit_lens, run_with_cache
 from .stats import key_second_moment
-from .tracing import KINDS, CausalTrace, recommend_layers, trace
+from .tracing import KINDS, CausalTrace, trace
 from .zopt import ZParams, context_templates
 
 __all__ = [
-    "METHODS",
     "EditPlayground",
     "EditView",
     "Explorer",
@@ -72,15 +85,18 @@ __all__ = [
     "TraceExplorer",
     "TraceView",
     "UndoView",
+    "UneditedInputs",
     "apply_edit",
     "default_probes",
+    "method_labels",
     "parse_layers",
     "run_lens",
     "run_trace",
     "undo",
 ]
 
-METHODS = ("MEMIT", "ROME")
+#: What the playground calls the registered methods; a method not named here shows its registry name in capitals.
+_LABELS = {"memit": "MEMIT", "rome-seq": "ROME", "ft": "FT-W", "alphaedit": "AlphaEdit"}
 
 #: ``progress(what is happening, fraction done)``; the widgets pass one that moves a bar.
 Progress = Callable[[str, float], None]
@@ -104,194 +120,47 @@ def _silent(what: str, done: float) -> None:
     """The default progress report: none."""
 
 
-# -- results ----------------------------------------------------------------------------------------------------
+# -- the methods, as the playground names them ------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Message:
-    """What a panel says instead of a result: bad input (``"error"``) or a note (``"info"``)."""
-
-    text: str
-    level: Literal["error", "info"] = "error"
-
-    def html(self) -> str:
-        colour = "#b00020" if self.level == "error" else "#0b5394"
-        return f'<div class="memit-message-{self.level}" style="color:{colour}">{html.escape(self.text)}</div>'
+def _label(name: str) -> str:
+    return _LABELS.get(name, name.upper())
 
 
-@dataclass(frozen=True)
-class TraceView:
-    """A causal trace, the recommended edit layers, and the window this one fact points at.
-
-    Attributes:
-        trace: the result of :func:`memit_lab.tracing.trace`.
-        layers: the recommended edit layers R: MEMIT's defaults for the model
-            (:meth:`memit_lab.memit.MemitHyperParams.for_model`, chosen by measurement over
-            many facts) -- the edit playground's default.
-        rome_layer: ROME's one edit layer for the model
-            (:meth:`memit_lab.rome.RomeHyperParams.for_model`), the playground's default for ROME.
-        fact_layers: as many consecutive MLP layers as R whose outputs, restored together at
-            the last subject token, bring back the most of this one fact
-            (:func:`memit_lab.tracing.recommend_layers` on this fact alone); ``None`` when
-            the answer is not a word that can be scored (a newline, say).
-    """
-
-    trace: CausalTrace
-    layers: tuple[int, ...]
-    rome_layer: int
-    fact_layers: tuple[int, ...] | None
-
-    def to_frame(self) -> pd.DataFrame:
-        return self.trace.to_frame()
-
-    def plot(self) -> Figure:
-        return self.trace.plot()
-
-    def html(self) -> str:
-        t = self.trace
-        alone = (
-            "this answer cannot be scored on its own"
-            if self.fact_layers is None
-            else f"MLP window at the last subject token with the largest effect for this fact alone: "
-            f"{_layer_text(self.fact_layers)} (one fact with few noise samples is a noisy guide: try both)"
-        )
-        return (
-            f"P({html.escape(repr(t.target))}) clean {t.clean_prob:.3f}, with the subject corrupted "
-            f"{t.corrupted_prob:.3f} ({t.samples} noise samples). Recommended edit layers: "
-            f"<b>{_layer_text(self.layers)}</b> for MEMIT, <b>{self.rome_layer}</b> for ROME (the defaults for "
-            f"this model, measured over many facts); {html.escape(alone)}."
-        )
+def method_labels() -> tuple[str, ...]:
+    """The playground's method choices: one per method of the registry, in its order."""
+    return tuple(_label(name) for name in METHODS)
 
 
-@dataclass(frozen=True)
-class FactEdit:
-    """One fact to write: a prompt that contains the subject, and the new object.
-
-    ``paraphrase`` and ``neighbour`` are the extra prompts shown before and after the
-    edit; empty means :func:`default_probes` chooses them.
-    """
-
-    prompt: str
-    subject: str
-    new_object: str
-    paraphrase: str = ""
-    neighbour: str = ""
+def _find_method(choice: str) -> Method | None:
+    """The registered method a playground label (``"ROME"``) or a registry name or alias (``"rome"``) names."""
+    for name, method in METHODS.items():
+        if choice == _label(name):
+            return method
+    try:
+        return get_method(choice)
+    except ValueError:
+        return None
 
 
-@dataclass(frozen=True)
-class EditView:
-    """What an edit changed: P(new object) and the greedy continuation of every probe, before and after.
-
-    Attributes:
-        method, layers, lam: how the edit was made (``lam``: ``None`` for ROME, which has no λ).
-        facts: the facts written.
-        frame: one row per probe: ``fact`` (index), ``probe`` (edit prompt / paraphrase /
-            neighbour), ``prompt``, ``new_object``, ``p_before``, ``p_after`` (P of the new
-            object's tokens after the prompt), ``generation_before``, ``generation_after``.
-        seconds: wall time of the edit itself.
-    """
-
-    method: str
-    layers: tuple[int, ...]
-    lam: float | None
-    facts: tuple[FactEdit, ...]
-    frame: pd.DataFrame
-    seconds: float = field(compare=False)
-
-    def to_frame(self) -> pd.DataFrame:
-        return self.frame
-
-    @property
-    def p_before(self) -> float:
-        """P(new object | first edit prompt) before the edit."""
-        return float(self.frame.p_before.iloc[0])
-
-    @property
-    def p_after(self) -> float:
-        """P(new object | first edit prompt) after the edit."""
-        return float(self.frame.p_after.iloc[0])
-
-    def html(self) -> str:
-        how = "" if self.lam is None else f" (λ = {self.lam:g})"
-        head = (
-            f"{self.method} wrote {len(self.facts)} fact(s) into layer(s) {_layer_text(self.layers)}{how} "
-            f"in {self.seconds:.1f} s."
-        )
-        return f"<p>{html.escape(head)}</p>" + _table(self.frame)
+# What a method's hyper-parameters hold, read from their fields: MEMIT's R is ``layers``, ROME and FT-W edit one
+# ``layer``; only MEMIT has a λ (``lam``); methods that read E[k k^T] have ``stats_tokens``, those that optimise z
+# (eq. 16) a ``z`` with its contexts' settings.
 
 
-@dataclass(frozen=True)
-class UndoView:
-    """The weights put back, and the probes scored again.
-
-    Attributes:
-        layers: the layers whose W_out was restored.
-        frame: one row per probe of the undone edit: ``probe``, ``prompt``, ``new_object``,
-            ``p_before`` (before the edit), ``p_now`` (after undo).
-        remaining: edits still applied.
-    """
-
-    layers: tuple[int, ...]
-    frame: pd.DataFrame
-    remaining: int
-
-    def to_frame(self) -> pd.DataFrame:
-        return self.frame
-
-    @property
-    def p_now(self) -> float:
-        """P(new object | first edit prompt) after undo."""
-        return float(self.frame.p_now.iloc[0])
-
-    def html(self) -> str:
-        head = f"Undone: W_out of layers {_layer_text(self.layers)} restored; {self.remaining} edit(s) still applied."
-        return f"<p>{html.escape(head)}</p>" + _table(self.frame)
+def _edit_layers(hparams: Any) -> tuple[int, ...]:
+    return tuple(hparams.layers) if hasattr(hparams, "layers") else (hparams.layer,)
 
 
-@dataclass(frozen=True)
-class LensView:
-    """The logit lens of a prompt and the direct logit attribution at its last token."""
-
-    lens: LogitLens
-    attribution: LogitAttribution
-
-    def to_frame(self) -> pd.DataFrame:
-        return self.lens.to_frame()
-
-    def plot(self) -> tuple[Figure, Figure]:
-        return plot_logit_lens(self.lens)[0], plot_attribution(self.attribution)[0]
-
-    def html(self) -> str:
-        first = self.lens.top1_from_layer(-1)
-        where = "never becomes top-1" if first is None else f"is the top prediction from h{first} on"
-        return f"At the last token, {html.escape(repr(self.lens.target))} {where}."
+def _has_lam(hparams: Any) -> bool:
+    return hasattr(hparams, "lam")
 
 
-def _layer_text(layers: Sequence[int]) -> str:
-    if len(layers) > 1 and list(layers) == list(range(layers[0], layers[-1] + 1)):
-        return f"{layers[0]}-{layers[-1]}"
-    return ",".join(str(layer) for layer in layers)
-
-
-_HEADERS = {
-    "fact": "fact",
-    "probe": "probe",
-    "prompt": "prompt",
-    "new_object": "new object",
-    "p_before": "P(new) before",
-    "p_after": "P(new) after",
-    "p_now": "P(new) now",
-    "generation_before": "greedy text before",
-    "generation_after": "greedy text after",
-}
-
-
-def _table(frame: pd.DataFrame) -> str:
-    """``frame`` as an HTML table with readable headers; texts escaped, probabilities to 4 significant digits."""
-    shown = frame.rename(columns=_HEADERS)
-    if "fact" in shown:
-        shown = shown.assign(fact=shown["fact"] + 1)
-    return shown.to_html(index=False, float_format=lambda p: f"{p:.4g}", escape=True, border=0)
+def _with_layers(hparams: Any, layers: tuple[int, ...], lam: float | None) -> Any:
+    changes: dict[str, Any] = {"layers": layers} if hasattr(hparams, "layers") else {"layer": layers[0]}
+    if lam is not None:
+        changes["lam"] = lam
+    return hparams.replace(**changes)
 
 
 # -- state ------------------------------------------------------------------------------------------------------
@@ -299,10 +168,43 @@ def _table(frame: pd.DataFrame) -> str:
 
 @dataclass
 class _AppliedEdit:
-    """An edit on the stack: the W_out weights it overwrote, and what it showed."""
+    """An edit on the stack: the method's result (its ``restore`` undoes it), and what it showed."""
 
-    saved: dict[int, torch.Tensor]
+    result: EditResult
     view: EditView
+
+
+@dataclass
+class UneditedInputs:
+    """What the edits of a session read from the model before it was edited: E[k k^T] and the context prefixes.
+
+    Eq. 15's E[k k^T] (by layer and number of tokens) and eq. 16's context prefixes (by
+    number, length and seed) are taken the first time an edit needs them -- from the model
+    before its first edit -- and kept for the later ones, as the paper does. The disk caches
+    of :func:`memit_lab.stats.key_second_moment` and :func:`memit_lab.zopt.context_templates`
+    cannot stand in: they are keyed on the model's fingerprint, which an edit changes, so a
+    second edit made while the first is applied would recompute E[k k^T] on the edited model
+    and sample its contexts from it. (Speed alone would not need this: on the bundled model a
+    repeated ``key_second_moment`` call for 5 layers reads the disk cache in ~0.25 s.)
+    """
+
+    second_moments: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    contexts: dict[tuple[int, int, int], tuple[str, ...]] = field(default_factory=dict)
+
+    def second_moments_for(self, lm: LoadedModel, layers: Sequence[int], n_tokens: int) -> dict[int, torch.Tensor]:
+        """``{layer: E[k k^T]}`` (each ``[d_mlp, d_mlp]``) over ``n_tokens`` tokens, computed once per layer."""
+        missing = [layer for layer in layers if (layer, n_tokens) not in self.second_moments]
+        if missing:
+            computed = key_second_moment(lm, missing, n_tokens=n_tokens, progress=False)
+            self.second_moments.update({(layer, n_tokens): c for layer, c in computed.items()})
+        return {layer: self.second_moments[layer, n_tokens] for layer in layers}
+
+    def contexts_for(self, lm: LoadedModel, z: ZParams) -> tuple[str, ...]:
+        """Eq. 16's context templates for ``z``'s settings, sampled once."""
+        key = (z.n_contexts, z.context_tokens, z.context_seed)
+        if key not in self.contexts:
+            self.contexts[key] = tuple(context_templates(lm, *key[:2], seed=key[2]))
+        return self.contexts[key]
 
 
 @dataclass
@@ -312,24 +214,42 @@ class ExplorerState:
     Attributes:
         lm: the model the panels explore and edit.
         window: layers restored together in MLP / attention traces (ROME: 10; capped at the depth).
+        hparams: hyper-parameters to use instead of a method's defaults, by registry name
+            (``{"memit": MemitHyperParams(...), "rome-seq": RomeHyperParams(...)}``; aliases such
+            as ``"rome"`` are accepted); an edit's layers (and λ) replace theirs.
         edits: the stack of applied edits, newest last; :func:`undo` pops one.
-        hparams: MEMIT's hyper-parameters (``None``: :meth:`MemitHyperParams.for_model`); the
-            edit's layers and λ replace theirs.
-        rome_hparams: ROME's (``None``: :meth:`memit_lab.rome.RomeHyperParams.for_model`); the
-            edit's layer replaces theirs.
-        contexts, second_moments: eq. 16's context prefixes (by number, length and seed) and
-            eq. 15's E[k k^T] (by layer and number of tokens), taken from the model before its
-            first edit and kept for the later ones (as the paper does), so a second edit
-            neither resamples nor recomputes them.
+        unedited: E[k k^T] and the context prefixes read before the first edit (:class:`UneditedInputs`).
+
+    Example:
+        >>> from memit_lab import load_model
+        >>> from memit_lab.hparams import RomeHyperParams
+        >>> list(ExplorerState(load_model("tiny-gpt2"), hparams={"rome": RomeHyperParams(layer=1)}).hparams)
+        ['rome-seq']
     """
 
     lm: LoadedModel
     window: int = 10
+    hparams: Mapping[str, Any] = field(default_factory=dict)
     edits: list[_AppliedEdit] = field(default_factory=list)
-    hparams: MemitHyperParams | None = None
-    rome_hparams: RomeHyperParams | None = None
-    contexts: dict[tuple[int, int, int], tuple[str, ...]] = field(default_factory=dict)
-    second_moments: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    unedited: UneditedInputs = field(default_factory=UneditedInputs)
+
+    def __post_init__(self) -> None:
+        by_name = {get_method(name).name: hp for name, hp in self.hparams.items()}
+        for name, hp in by_name.items():
+            expected = METHODS[name].hparams
+            if not isinstance(hp, expected):
+                raise TypeError(f"hparams[{name!r}] must be a {expected.__name__}, got {type(hp).__name__}")
+        self.hparams = by_name
+
+
+def _hparams(state: ExplorerState, method: Method) -> Any:
+    """The state's hyper-parameters for ``method``, else the method's defaults for the model."""
+    given = state.hparams.get(method.name)
+    return method.defaults(state.lm) if given is None else given
+
+
+def _default_layers(state: ExplorerState, name: str = "memit") -> tuple[int, ...]:
+    return _edit_layers(_hparams(state, get_method(name)))
 
 
 # -- plain functions (the widgets' callbacks call these) --------------------------------------------------------
@@ -419,7 +339,7 @@ def run_trace(
     progress("choosing edit layers", 0.9)
     fact_layers = _fact_layers(state, result, samples)
     progress("done", 1.0)
-    return TraceView(result, _default_layers(state), _default_layers(state, "ROME")[0], fact_layers)
+    return TraceView(result, _default_layers(state), _default_layers(state, "rome-seq")[0], fact_layers)
 
 
 def _check_fact(lm: LoadedModel, prompt: str, subject: str) -> Message | None:
@@ -436,21 +356,11 @@ def _check_fact(lm: LoadedModel, prompt: str, subject: str) -> Message | None:
     return None
 
 
-@dataclass(frozen=True)
-class _Traced:
-    """The traced fact, as :func:`memit_lab.tracing.recommend_layers` takes it."""
-
-    prompt: str
-    subject: str
-    target: str
-
-
 def _fact_layers(state: ExplorerState, result: CausalTrace, samples: int) -> tuple[int, ...] | None:
-    """:func:`memit_lab.tracing.recommend_layers` on the traced fact alone, as wide as MEMIT's default range."""
-    fact = _Traced(result.prompt, result.subject, result.target)
+    """:func:`memit_lab.layer_choice.recommend_layers` on the traced fact alone, as wide as MEMIT's default range."""
     n = len(_default_layers(state))
-    try:
-        return recommend_layers(state.lm, [fact], n, samples=samples, seed=result.seed, use_cache=False).layers
+    try:  # the trace is a fact of its own: a prompt, a subject and a target
+        return recommend_layers(state.lm, [result], n, samples=samples, seed=result.seed, use_cache=False).layers
     except ValueError:
         return None
 
@@ -458,7 +368,11 @@ def _fact_layers(state: ExplorerState, result: CausalTrace, samples: int) -> tup
 # -- the edit playground ----------------------------------------------------------------------------------------
 
 
-def _probes(facts: Sequence[FactEdit]) -> list[tuple[int, str, str, str]]:
+#: A prompt watched during an edit: (fact index, probe kind, prompt, new object).
+_Probe = tuple[int, str, str, str]
+
+
+def _probes(facts: Sequence[FactEdit]) -> list[_Probe]:
     """``(fact index, probe, prompt, new object)`` for every prompt watched during an edit."""
     rows = []
     for i, fact in enumerate(facts):
@@ -472,24 +386,34 @@ def _probes(facts: Sequence[FactEdit]) -> list[tuple[int, str, str, str]]:
     return rows
 
 
-def _scores(lm: LoadedModel, probes: Sequence[tuple[int, str, str, str]]) -> list[float]:
+def _scores(lm: LoadedModel, probes: Sequence[_Probe]) -> list[float]:
     """P(new object | prompt) of every probe: the product of its tokens' probabilities."""
     scores = target_scores(lm, [p[2] for p in probes], [p[3] for p in probes])
     return [float(p) for p in scores.prob]
 
 
-def _generations(lm: LoadedModel, probes: Sequence[tuple[int, str, str, str]], max_new_tokens: int) -> list[str]:
+def _generations(lm: LoadedModel, probes: Sequence[_Probe], max_new_tokens: int) -> list[str]:
     return [text.strip() for text in generate(lm, [p[2] for p in probes], max_new_tokens)]
 
 
+@dataclass(frozen=True)
+class _Scored:
+    """P(new object) and the greedy continuation of every probe, at one moment."""
+
+    probs: list[float]
+    generations: list[str]
+
+
+def _score(lm: LoadedModel, probes: Sequence[_Probe], max_new_tokens: int) -> _Scored:
+    return _Scored(_scores(lm, probes), _generations(lm, probes, max_new_tokens))
+
+
 def _check_edit_input(
-    state: ExplorerState, facts: Sequence[FactEdit], method: str, lam: float | None
+    state: ExplorerState, facts: Sequence[FactEdit], lam: float | None, takes_lam: bool
 ) -> Message | None:
-    if method not in METHODS:
-        return Message(f"method must be one of {', '.join(METHODS)}, not {method!r}")
     if not facts:
         return Message("Add at least one fact: a prompt containing its subject, the subject, and a new object.")
-    if method == "MEMIT" and not (isinstance(lam, int | float) and math.isfinite(lam) and lam > 0):
+    if takes_lam and not (isinstance(lam, int | float) and math.isfinite(lam) and lam > 0):
         return Message(f"λ must be a positive number (it weighs the old memories against the new ones), not {lam!r}")
     for i, fact in enumerate(facts, start=1):
         problem = _check_fact(state.lm, fact.prompt, fact.subject)
@@ -503,6 +427,84 @@ def _check_edit_input(
     return None
 
 
+@dataclass(frozen=True)
+class _EditPlan:
+    """A checked edit: the method, its label, and its hyper-parameters with the chosen layers (and λ)."""
+
+    method: Method
+    label: str
+    hparams: Any
+    layers: tuple[int, ...]
+    lam: float | None
+
+
+def _plan_edit(
+    state: ExplorerState, facts: Sequence[FactEdit], method: str, layers: Sequence[int] | str | None, lam: float | None
+) -> _EditPlan | Message:
+    """The edit ``apply_edit`` was asked for, with the defaults filled in, or a message saying what is wrong."""
+    found = _find_method(method)
+    if found is None:
+        return Message(f"method must be one of {', '.join(method_labels())}, not {method!r}")
+    label, n_layers = _label(found.name), state.lm.n_layers
+    hp = _hparams(state, found)
+    lam = (hp.lam if lam is None else lam) if _has_lam(hp) else None
+    problem = _check_edit_input(state, facts, lam, _has_lam(hp))
+    if problem is not None:
+        return problem
+    try:
+        wanted = parse_layers(layers, n_layers) if isinstance(layers, str) else layers
+    except ValueError as err:
+        return Message(str(err))
+    chosen = tuple(sorted(set(wanted))) if wanted else _edit_layers(hp)
+    if not all(0 <= layer < n_layers for layer in chosen):
+        return Message(f"layers {list(chosen)} do not exist: this model has layers 0..{n_layers - 1}")
+    if not hasattr(hp, "layers") and len(chosen) != 1:
+        default = _edit_layers(hp)[0]
+        return Message(f"{label} edits one layer: type one layer number (the default for this model: {default})")
+    return _EditPlan(found, label, _with_layers(hp, chosen, lam), chosen, None if lam is None else float(lam))
+
+
+def _session_inputs(state: ExplorerState, hparams: Any) -> dict[str, Any]:
+    """The method's ``second_moments`` and ``contexts`` options, from the model before its first edit."""
+    options: dict[str, Any] = {}
+    if hasattr(hparams, "stats_tokens"):
+        layers = _edit_layers(hparams)
+        options["second_moments"] = state.unedited.second_moments_for(state.lm, layers, hparams.stats_tokens)
+    if hasattr(hparams, "z"):
+        options["contexts"] = state.unedited.contexts_for(state.lm, hparams.z)
+    return options
+
+
+def _run_edit(state: ExplorerState, plan: _EditPlan, facts: Sequence[FactEdit]) -> EditResult | Message:
+    """Apply the planned edit in place; a ``ValueError`` becomes a message, and any failure leaves W_out as it was."""
+    # Every registered method rolls back its own failures; the guard keeps the playground's promise (a failed
+    # edit changes nothing) for any method, at the cost of one more copy of the edited W_out during the edit.
+    guard = WeightBackup.of(state.lm, plan.layers)
+    try:
+        return plan.method(state.lm, _requests(facts), plan.hparams, **_session_inputs(state, plan.hparams))
+    except ValueError as err:
+        guard.restore()
+        return Message(str(err))
+    except BaseException:
+        guard.restore()
+        raise
+
+
+def _edit_frame(probes: Sequence[_Probe], before: _Scored, after: _Scored) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "fact": [p[0] for p in probes],
+            "probe": [p[1] for p in probes],
+            "prompt": [p[2] for p in probes],
+            "new_object": [p[3] for p in probes],
+            "p_before": before.probs,
+            "p_after": after.probs,
+            "generation_before": before.generations,
+            "generation_after": after.generations,
+        }
+    )
+
+
 def apply_edit(
     state: ExplorerState,
     facts: Sequence[FactEdit],
@@ -513,120 +515,45 @@ def apply_edit(
     max_new_tokens: int = 8,
     progress: Progress = _silent,
 ) -> EditView | Message:
-    """Write ``facts`` into the model with MEMIT (paper Algorithm 1) or ROME, and show what changed.
+    """Write ``facts`` into the model with a registered method (MEMIT: paper Algorithm 1), and show what changed.
 
-    The W_out weights of the edited layers are saved first; :func:`undo` puts them back.
-    ``layers`` defaults to the recommended ones (MEMIT's and ROME's defaults for the model);
+    ``method`` is a playground label (:func:`method_labels`: ``"MEMIT"``, ``"ROME"``,
+    ``"FT-W"``) or a registry name. :func:`undo` puts the edited W_out back, bit for bit.
+    ``layers`` defaults to the method's (MEMIT's recommended R, ROME's and FT-W's one layer);
     ``lam`` (λ of eq. 14-15, MEMIT only: ROME's update is exact on its key, so scaling C
-    changes nothing) to MEMIT's default. Several facts: MEMIT writes them at once, ROME one
-    after the other. Bad input gives a :class:`Message` and changes nothing.
+    changes nothing) to MEMIT's default. Several facts: MEMIT and FT-W write them at once,
+    ROME one after the other. Bad input gives a :class:`Message` and changes nothing.
     """
-    lm = state.lm
-    lam = None if method == "ROME" else _hparams(state).lam if lam is None else lam
-    problem = _check_edit_input(state, facts, method, lam)
-    if problem is not None:
-        return problem
-    try:
-        wanted = parse_layers(layers, lm.n_layers) if isinstance(layers, str) else layers
-    except ValueError as err:
-        return Message(str(err))
-    chosen = tuple(sorted(set(wanted))) if wanted else _default_layers(state, method)
-    if not all(0 <= layer < lm.n_layers for layer in chosen):
-        return Message(f"layers {list(chosen)} do not exist: this model has layers 0..{lm.n_layers - 1}")
-    if method == "ROME" and len(chosen) != 1:
-        default = _default_layers(state, method)[0]
-        return Message(f"ROME edits one layer: type one layer number (the default for this model: {default})")
+    plan = _plan_edit(state, facts, method, layers, lam)
+    if isinstance(plan, Message):
+        return plan
     probes = _probes(facts)
     progress("scoring the probes before the edit", 0.05)
-    p_before, gen_before = _scores(lm, probes), _generations(lm, probes, max_new_tokens)
-    saved = {layer: lm.adapter.w_out_parameter(lm.model, layer).detach().clone() for layer in chosen}
-    progress(f"{method}: computing the update of layers {_layer_text(chosen)}", 0.2)
+    before = _score(state.lm, probes, max_new_tokens)
+    progress(f"{plan.label}: computing the update of layers {layer_text(plan.layers)}", 0.2)
     start = time.perf_counter()
-    try:
-        _edit(state, facts, chosen, lam)
-    except ValueError as err:
-        _restore(lm, saved)
-        return Message(str(err))
-    except BaseException:
-        _restore(lm, saved)
-        raise
+    result = _run_edit(state, plan, facts)
+    if isinstance(result, Message):
+        return result
     seconds = time.perf_counter() - start
     progress("scoring the probes after the edit", 0.85)
-    p_after, gen_after = _scores(lm, probes), _generations(lm, probes, max_new_tokens)
-    frame = pd.DataFrame(
-        {
-            "fact": [p[0] for p in probes],
-            "probe": [p[1] for p in probes],
-            "prompt": [p[2] for p in probes],
-            "new_object": [p[3] for p in probes],
-            "p_before": p_before,
-            "p_after": p_after,
-            "generation_before": gen_before,
-            "generation_after": gen_after,
-        }
-    )
-    view = EditView(method, chosen, None if lam is None else float(lam), tuple(facts), frame, seconds)
-    state.edits.append(_AppliedEdit(saved, view))
+    after = _score(state.lm, probes, max_new_tokens)
+    view = EditView(plan.label, plan.layers, plan.lam, tuple(facts), _edit_frame(probes, before, after), seconds)
+    state.edits.append(_AppliedEdit(result, view))
     progress("done", 1.0)
     return view
-
-
-def _hparams(state: ExplorerState) -> MemitHyperParams:
-    return state.hparams or MemitHyperParams.for_model(state.lm)
-
-
-def _rome_hparams(state: ExplorerState) -> RomeHyperParams:
-    return state.rome_hparams or RomeHyperParams.for_model(state.lm)
-
-
-def _default_layers(state: ExplorerState, method: str = "MEMIT") -> tuple[int, ...]:
-    return _hparams(state).layers if method == "MEMIT" else (_rome_hparams(state).layer,)
 
 
 def _requests(facts: Sequence[FactEdit]) -> list[EditRequest]:
     return [EditRequest(_template(f.prompt, f.subject), f.subject, f.new_object.strip()) for f in facts]
 
 
-def _contexts(state: ExplorerState, z: ZParams) -> tuple[str, ...]:
-    key = (z.n_contexts, z.context_tokens, z.context_seed)
-    if key not in state.contexts:
-        state.contexts[key] = tuple(context_templates(state.lm, *key[:2], seed=key[2]))
-    return state.contexts[key]
-
-
-def _second_moments(state: ExplorerState, layers: Sequence[int], n_tokens: int) -> dict[int, torch.Tensor]:
-    missing = [layer for layer in layers if (layer, n_tokens) not in state.second_moments]
-    if missing:
-        computed = key_second_moment(state.lm, missing, n_tokens=n_tokens, progress=False)
-        state.second_moments.update({(layer, n_tokens): c for layer, c in computed.items()})
-    return {layer: state.second_moments[layer, n_tokens] for layer in layers}
-
-
-def _edit(state: ExplorerState, facts: Sequence[FactEdit], layers: tuple[int, ...], lam: float | None) -> None:
-    """Apply the edit in place (the caller keeps the weights to undo it); ``lam`` ``None`` means ROME."""
-    requests = _requests(facts)
-    if lam is None:
-        rome = _rome_hparams(state).replace(layer=layers[0])
-        moments = _second_moments(state, layers, rome.stats_tokens)
-        apply_rome(state.lm, requests, rome, second_moments=moments, contexts=_contexts(state, rome.z))
-    else:
-        memit = _hparams(state).replace(layers=layers, lam=lam)
-        moments = _second_moments(state, layers, memit.stats_tokens)
-        apply_memit(state.lm, requests, memit, second_moments=moments, contexts=_contexts(state, memit.z))
-
-
-@torch.no_grad()
-def _restore(lm: LoadedModel, saved: dict[int, torch.Tensor]) -> None:
-    for layer, weight in saved.items():
-        lm.adapter.w_out_parameter(lm.model, layer).copy_(weight)
-
-
 def undo(state: ExplorerState) -> UndoView | Message:
-    """Undo the newest edit: copy back the W_out weights saved before it (bit for bit), and rescore its probes."""
+    """Undo the newest edit (its result's ``restore``: W_out as before it, bit for bit), and rescore its probes."""
     if not state.edits:
         return Message("Nothing to undo: no edit is applied.", level="info")
     applied = state.edits.pop()
-    _restore(state.lm, applied.saved)
+    applied.result.restore()
     before = applied.view.frame
     probes = list(zip(before.fact, before.probe, before.prompt, before.new_object, strict=True))
     frame = before[["probe", "prompt", "new_object", "p_before"]].assign(p_now=_scores(state.lm, probes))
@@ -691,11 +618,11 @@ class _Busy:
         self.status.value = ""
 
 
-def _show(out: w.Output, result: Any, figures: Sequence[Figure] = ()) -> None:
+def _show(out: w.Output, result: View, figures: Sequence[Figure] = ()) -> None:
     """Replace ``out``'s content with ``result``'s summary and figures (closed after display)."""
     out.clear_output(wait=True)
     with out:
-        display(w.HTML(result.html()))
+        display(w.HTML(render(result)))
         for fig in figures:
             display(fig)
             plt.close(fig)
@@ -799,15 +726,14 @@ class EditPlayground:
         self.facts_box = w.VBox([row.widget for row in self.rows])
         self.add = _button("+ fact", "memit-add-fact", style="")
         self.remove = _button("- fact", "memit-remove-fact", style="")
-        self.method = w.ToggleButtons(options=list(METHODS), value="MEMIT")
-        recommended = _layer_text(_default_layers(state, "MEMIT"))
-        self.layers = _text("Layers", recommended, "e.g. 3-7 (empty: recommended)", width="260px")
+        self.method = w.ToggleButtons(options=list(method_labels()), value=_label("memit"))
+        self.layers = _text("Layers", "", "e.g. 3-7 (empty: recommended)", width="260px")
         self.lam = w.FloatText(
-            value=_hparams(state).lam,
             description="λ",
-            tooltip="MEMIT's weight of the old memories (eq. 14-15); ROME has none",
+            tooltip="MEMIT's weight of the old memories (eq. 14-15); the other methods have none",
             layout=w.Layout(width="180px"),
         )
+        self._method_defaults(self.method.value)
         self.edit = _button("Edit", "memit-edit-button")
         self.undo = _button("Undo", "memit-undo-button", style="warning")
         self.p_before, self.p_after, self.p_now = (
@@ -841,10 +767,17 @@ class EditPlayground:
         if not first.prompt.value.strip():
             first.prompt.value, first.subject.value = view.trace.prompt, view.trace.subject
 
-    def _method_defaults(self, method: str) -> None:
-        self.layers.value = _layer_text(_default_layers(self.state, method))
-        self.lam.value = _hparams(self.state).lam
-        self.lam.disabled = method == "ROME"  # a rank-one update exact on its key: scaling C changes nothing
+    def _method_defaults(self, label: str) -> None:
+        """The chosen method's default layers and λ; the λ field greyed out for a method without one."""
+        found = _find_method(label)
+        assert found is not None  # the toggle offers registered methods only
+        hp = _hparams(self.state, found)
+        self.layers.value = layer_text(_edit_layers(hp))
+        if _has_lam(hp):
+            self.lam.value = hp.lam
+        # ROME: a rank-one update exact on its key, scaling C changes nothing; FT-W has no C at all; AlphaEdit
+        # projects its update instead of weighing C.
+        self.lam.disabled = not _has_lam(hp)
 
     def _add_row(self) -> None:
         self.rows.append(_FactRow())
@@ -917,7 +850,8 @@ class LensExplorer:
 class Explorer:
     """The three panels on one model, sharing one :class:`ExplorerState`; a trace fills an empty edit fact.
 
-    Show the panels one by one (``explorer.trace.widget`` ...) or all in tabs (``explorer.widget``).
+    ``hparams``: as :attr:`ExplorerState.hparams`, by registry name. Show the panels one by one
+    (``explorer.trace.widget`` ...) or all in tabs (``explorer.widget``).
     """
 
     def __init__(
@@ -925,11 +859,10 @@ class Explorer:
         lm: LoadedModel,
         fact: Fact | None = None,
         samples: int = 3,
-        hparams: MemitHyperParams | None = None,
-        rome_hparams: RomeHyperParams | None = None,
+        hparams: Mapping[str, Any] | None = None,
     ) -> None:
         fact = KNOWN_FACTS[0] if fact is None else fact
-        self.state = ExplorerState(lm, hparams=hparams, rome_hparams=rome_hparams)
+        self.state = ExplorerState(lm, hparams=hparams or {})
         self.trace = TraceExplorer(self.state, fact.prompt, fact.subject, samples)
         self.edit = EditPlayground(self.state, [FactEdit(fact.prompt, fact.subject, "")])
         self.lens = LensExplorer(self.state, fact.prompt)

@@ -18,8 +18,9 @@ How it is made fast (none of it changes the optimum):
 
 * delta enters at layer L at the last subject token, so everything before that token
   (all layers) and everything up to layer L (all tokens) is computed **once**, without
-  gradients: the tokens before the last subject token become a key/value cache, and each
-  Adam step runs only blocks L+1..end on the tokens from the last subject token on;
+  gradients: the tokens before the last subject token become a key/value prefix, and each
+  Adam step replays only blocks L+1..end on the tokens from the last subject token on
+  (:mod:`memit_lab.replay`);
 * rows are grouped by the length of that suffix, one pass per group, so a step computes
   little padding (a prompt's KL row is one token long, its target prompts several);
 * logits are computed only where a target token is predicted (and, for the KL term, at
@@ -48,21 +49,22 @@ import dataclasses
 import hashlib
 import json
 import logging
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 import torch
 from jaxtyping import Float
-from torch import nn
 from tqdm.auto import tqdm
-from transformers import DynamicCache
+from transformers import PreTrainedTokenizerBase
 
 from .cache import atomic_dir, cache_root, locked, read_manifest, write_manifest
 from .hooks import Trace
 from .models import LoadedModel
+from .prompts import continuation, last_token_of_chars, padded_batch, padding_side, target_positions
+from .replay import KeysValues, Recording, readout, record, replay, unembed
 from .requests import EditRequest, check_requests
 
 __all__ = [
@@ -84,6 +86,10 @@ OPENINGS = ("The", "Therefore", "Because", "I", "You")
 @dataclass(frozen=True)
 class ZParams:
     """Hyper-parameters of the z optimisation (eq. 16); defaults are the paper's code for GPT-J.
+
+    Each knob is checked when the object is made: a value the optimisation cannot use (a
+    clamp of 0 would give z = h, a negative weight would reward what it should cost) is a
+    ``ValueError`` saying what fits.
 
     Attributes:
         steps: forward passes at most (the last one only measures; ``steps - 1`` Adam updates).
@@ -114,10 +120,29 @@ class ZParams:
     chunk: int = 16
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.chunk < 1 or self.n_contexts < 0 or self.context_tokens < 1:
-            raise ValueError(f"steps, chunk, context_tokens must be >= 1 and n_contexts >= 0: {self}")
-        if self.kl_template.count("{}") != 1:
+        for name in ("steps", "chunk", "context_tokens"):
+            _check_count(name, getattr(self, name), 1)
+        _check_count("n_contexts", self.n_contexts, 0)
+        _check_number("lr", self.lr, "Adam's step size; the paper's code uses 0.5", positive=True)
+        _check_number("clamp", self.clamp, "||delta|| <= clamp * ||h||; clamp=0 would give z = h", positive=True)
+        _check_number("weight_decay", self.weight_decay, "0 switches the decay term off", positive=False)
+        _check_number("kl_weight", self.kl_weight, "0 switches the KL term off", positive=False)
+        _check_number("stop_loss", self.stop_loss, "0 never stops early", positive=False)
+        if not isinstance(self.kl_template, str) or self.kl_template.count("{}") != 1:
             raise ValueError(f"kl_template must contain one '{{}}' for the subject, got {self.kl_template!r}")
+
+
+def _check_count(name: str, value: object, least: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"ZParams.{name} must be an int >= {least}, got {value!r}")
+
+
+def _check_number(name: str, value: float, hint: str, *, positive: bool) -> None:
+    """A finite real number, > 0 (``positive``) or >= 0."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or not (value > 0 if positive else value >= 0):
+        bound = "> 0" if positive else ">= 0"
+        raise ValueError(f"ZParams.{name} must be a finite number {bound} ({hint}), got {value!r}")
 
 
 # --- context prefixes (the x_j of eq. 16) ---------------------------------------------------------------------
@@ -126,11 +151,8 @@ class ZParams:
 def _sample_contexts(lm: LoadedModel, n: int, length: int, seed: int) -> list[str]:
     tokenizer = lm.tokenizer
     openings = [OPENINGS[i % len(OPENINGS)] for i in range(n)]
-    tokenizer.padding_side = "left"
-    try:
+    with padding_side(tokenizer, "left"):
         enc = tokenizer(openings, return_tensors="pt", padding=True).to(lm.device)
-    finally:
-        tokenizer.padding_side = "right"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         out = lm.model.generate(
@@ -198,13 +220,6 @@ class TokenisedPrompt:
     target_ids: tuple[int, ...]
 
 
-def _last_token_before(offsets: Sequence[tuple[int, int]], start: int, end: int) -> int:
-    inside = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
-    if not inside:
-        raise ValueError(f"no token covers characters {start}..{end}; is the subject empty?")
-    return inside[-1]
-
-
 def tokenise_prompt(lm: LoadedModel, request: EditRequest, context: str, target: str | None) -> TokenisedPrompt:
     """Tokenise ``context`` filled with the request's prompt, followed by `` target`` (teacher-forced).
 
@@ -219,16 +234,15 @@ def tokenise_prompt(lm: LoadedModel, request: EditRequest, context: str, target:
         >>> lm.tokenizer.decode(t.ids[t.subject_last]), [lm.tokenizer.decode(i) for i in t.target_ids]
         ('s', [' Rome'])
     """
-    prompt = context.replace("{}", request.text)
+    prompt = request.formatted(context)
     start = context.index("{}") + request.template.index("{}")
-    text = prompt if target is None else prompt.rstrip() + " " + target.strip()
+    text = prompt if target is None else continuation(prompt, target)
     enc = lm.tokenizer(text, return_offsets_mapping=True)
     ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
-    last = _last_token_before(offsets, start, start + len(request.subject))
+    last = last_token_of_chars(offsets, start, start + len(request.subject))
     if target is None:
         return TokenisedPrompt(tuple(ids[: last + 1]), last, (), ())
-    boundary = len(prompt.rstrip())
-    targets = [i for i, (a, b) in enumerate(offsets) if b > a and b > boundary]
+    targets = target_positions(offsets, prompt)
     if not targets or targets[0] <= last:
         raise ValueError(f"target {target!r} has no tokens after the subject in {text!r}")
     return TokenisedPrompt(
@@ -237,48 +251,6 @@ def tokenise_prompt(lm: LoadedModel, request: EditRequest, context: str, target:
 
 
 # --- one chunk, split at the last subject token -----------------------------------------------------------------
-
-
-class _FrozenPrefix:
-    """A key/value cache that always answers "the prefix, then what you give me", storing nothing.
-
-    Attention modules call ``cache.update(k, v, layer)`` and attend over what it returns; this
-    one prepends the prefix's fixed keys and values, so any number of forward passes can
-    reuse it (a DynamicCache would grow with each).
-    """
-
-    def __init__(self, keys: dict[int, torch.Tensor], values: dict[int, torch.Tensor]) -> None:
-        self.keys, self.values = keys, values
-
-    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> Any:
-        return torch.cat([self.keys[layer_idx], k], dim=-2), torch.cat([self.values[layer_idx], v], dim=-2)
-
-
-def _rows(value: Any, index: torch.Tensor, batch: int) -> Any:
-    """``value`` restricted to the batch rows ``index`` (tensors with a leading batch dimension)."""
-    if isinstance(value, torch.Tensor) and value.ndim >= 2 and value.shape[0] == batch:
-        return value.index_select(0, index)
-    if isinstance(value, tuple | list):
-        return type(value)(_rows(v, index, batch) for v in value)
-    return value
-
-
-@contextmanager
-def _block_calls(blocks: Sequence[nn.Module]) -> Iterator[list[tuple[tuple[Any, ...], dict[str, Any]]]]:
-    """Record the positional and keyword arguments each block is called with."""
-    calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = [((), {}) for _ in blocks]
-    handles = []
-    for i, block in enumerate(blocks):
-
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], i: int = i) -> None:
-            calls[i] = (args, dict(kwargs))
-
-        handles.append(block.register_forward_pre_hook(hook, with_kwargs=True))
-    try:
-        yield calls
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @dataclass
@@ -294,9 +266,8 @@ class _Group:
     owner: torch.Tensor  # [rows]
     is_kl: torch.Tensor  # [rows] bool
     h_suffix: torch.Tensor  # [rows, suffix, d_model], output of block L
-    calls: list[tuple[tuple[Any, ...], dict[str, Any]]]  # blocks L+1..end
-    cache: Any  # the DynamicCache passed in the suffix pass (replaced when replaying)
-    prefix_kv: tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]] | None
+    suffix: Recording  # the suffix pass, blocks L+1..end recorded (to replay with delta added)
+    prefix: KeysValues | None  # keys and values of the tokens before the last subject token
     predict_at: list[tuple[int, ...]]  # suffix positions, per row
     target_ids: list[tuple[int, ...]]
     final: torch.Tensor  # [rows, d_model] the unedited model's last hidden state at suffix position 0
@@ -312,42 +283,25 @@ class _Chunk:
     h0: torch.Tensor  # [requests, d_model] bare-prompt h^L at the subject's last token
 
 
-def _base(lm: LoadedModel) -> nn.Module:
-    return lm.model.base_model
-
-
 def _layout(
-    prompts: Sequence[TokenisedPrompt], device: torch.device, pad: int
+    prompts: Sequence[TokenisedPrompt], device: torch.device, tokenizer: PreTrainedTokenizerBase
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Prefixes left-padded, suffixes right-padded, so every row's last subject token is in one column."""
-    p_len = max(p.subject_last for p in prompts)
-    s_len = max(len(p.ids) - p.subject_last for p in prompts)
-    n = len(prompts)
-    ids_p = torch.full((n, p_len), pad, dtype=torch.long)
-    mask_p = torch.zeros((n, p_len), dtype=torch.long)
-    ids_s = torch.full((n, s_len), pad, dtype=torch.long)
-    mask_s = torch.zeros((n, s_len), dtype=torch.long)
-    for row, p in enumerate(prompts):
-        prefix, suffix = p.ids[: p.subject_last], p.ids[p.subject_last :]
-        if prefix:
-            ids_p[row, p_len - len(prefix) :] = torch.tensor(prefix)
-            mask_p[row, p_len - len(prefix) :] = 1
-        ids_s[row, : len(suffix)] = torch.tensor(suffix)
-        mask_s[row, : len(suffix)] = 1
+    ids_p, mask_p = padded_batch(tokenizer, [p.ids[: p.subject_last] for p in prompts], side="left")
+    ids_s, mask_s = padded_batch(tokenizer, [p.ids[p.subject_last :] for p in prompts])
     pos_p = (mask_p.cumsum(1) - 1).clamp(min=0)
-    pos_s = mask_p.sum(1, keepdim=True) + torch.arange(s_len)[None]
+    pos_s = mask_p.sum(1, keepdim=True) + torch.arange(ids_s.shape[1])[None]
     return tuple(t.to(device) for t in (ids_p, mask_p, pos_p, ids_s, mask_s, pos_s))  # type: ignore[return-value]
 
 
-def _prefix_cache(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> DynamicCache:
-    out = _base(lm)(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-    cache = out.cache
-    for layer in cache.layers:
+def _prefix_kv(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> KeysValues:
+    """The keys and values of the prefixes (the tokens before each row's last subject token)."""
+    kv = record(lm, ids, attention_mask=mask, position_ids=pos, blocks=()).kv
+    for tensor in (*kv.keys, *kv.values):
         # Fully padded rows may hold NaN (a query with nothing to attend to); they are
         # masked as keys, but 0 * NaN would still poison the sum.
-        layer.keys.nan_to_num_(0.0)
-        layer.values.nan_to_num_(0.0)
-    return cache
+        tensor.nan_to_num_(0.0)
+    return kv
 
 
 @torch.no_grad()
@@ -356,35 +310,23 @@ def _prepare_group(
 ) -> _Group:
     """One pass of the unedited model over ``prompts``: the prefixes' key/value cache, block L's output
     on the suffixes, and each block's call above L (to replay with delta added)."""
-    ids_p, mask_p, pos_p, ids_s, mask_s, pos_s = _layout(prompts, lm.device, lm.tokenizer.pad_token_id)
-    cache = _prefix_cache(lm, ids_p, mask_p, pos_p) if ids_p.shape[1] else None
-    prefix_kv = None
-    if cache is not None:
-        prefix_kv = (
-            {i: lay.keys for i, lay in enumerate(cache.layers)},
-            {i: lay.values for i, lay in enumerate(cache.layers)},
-        )
-    blocks = [lm.model.get_submodule(lm.adapter.block(i)) for i in range(layer + 1, lm.n_layers)]
-    with _block_calls(blocks) as calls, Trace(lm.model, lm.adapter.block(layer)) as trace:
-        out = _base(lm)(
-            input_ids=ids_s,
-            attention_mask=torch.cat([mask_p, mask_s], 1),
-            position_ids=pos_s,
-            # Without a prefix (every row's subject ends at its first token) the model must not make a cache of
-            # its own: the replayed blocks would append each step's keys to it.
-            **({"cache": cache, "use_cache": True} if cache is not None else {"use_cache": False}),
-        )
-    assert trace.output is not None
+    ids_p, mask_p, pos_p, ids_s, mask_s, pos_s = _layout(prompts, lm.device, lm.tokenizer)
+    prefix = _prefix_kv(lm, ids_p, mask_p, pos_p) if ids_p.shape[1] else None
+    with Trace(lm.model, lm.adapter.block(layer)) as trace:
+        suffix = record(
+            lm, ids_s, attention_mask=torch.cat([mask_p, mask_s], 1), position_ids=pos_s, prefix=prefix,
+            blocks=range(layer + 1, lm.n_layers),
+        )  # fmt: skip
+    assert trace.output is not None and suffix.final is not None
     return _Group(
         owner=torch.tensor(owner, device=lm.device),
         is_kl=torch.tensor(is_kl, device=lm.device),
         h_suffix=trace.output,
-        calls=calls,
-        cache=cache,
-        prefix_kv=prefix_kv,
+        suffix=suffix,
+        prefix=prefix,
         predict_at=[tuple(t - p.subject_last for t in p.predict_at) for p in prompts],
         target_ids=[p.target_ids for p in prompts],
-        final=out.last_hidden_state[:, 0],
+        final=suffix.final[:, 0],
     )
 
 
@@ -436,32 +378,16 @@ def _prepare(
         )
     h0 = torch.stack([groups[g].h_suffix[j, 0] for g, j in map(where.__getitem__, bare)]).float()
     final = torch.stack([groups[g].final[j] for g, j in map(where.__getitem__, kl_row)])
-    unembed = lm.model.get_submodule(lm.adapter.unembed)
-    return _Chunk(groups=groups, n_prompts=len(contexts), kl_init=unembed(final).float().log_softmax(-1), h0=h0)
+    return _Chunk(groups=groups, n_prompts=len(contexts), kl_init=unembed(lm, final).log_softmax(-1), h0=h0)
 
 
 def _replay(
     lm: LoadedModel, group: _Group, layer: int, rows: torch.Tensor, delta: torch.Tensor
 ) -> Float[torch.Tensor, "rows suffix d_model"]:
     """Blocks L+1..end on the suffixes of ``rows``, with ``delta[row]`` added at suffix position 0."""
-    batch = group.h_suffix.shape[0]
     h = group.h_suffix.index_select(0, rows)
     h = torch.cat([(h[:, :1].float() + delta[:, None]).to(h.dtype), h[:, 1:]], dim=1)
-    cache = None
-    if group.prefix_kv is not None:
-        keys, values = group.prefix_kv
-        cache = _FrozenPrefix(
-            {i: k.index_select(0, rows) for i, k in keys.items()},
-            {i: v.index_select(0, rows) for i, v in values.items()},
-        )
-    for offset, (args, kwargs) in enumerate(group.calls):
-        block = lm.model.get_submodule(lm.adapter.block(layer + 1 + offset))
-        args = tuple(cache if a is group.cache else _rows(a, rows, batch) for a in args[1:])
-        kwargs = {k: cache if v is group.cache else _rows(v, rows, batch) for k, v in kwargs.items()}
-        kwargs.pop("hidden_states", None)
-        out = block(h, *args, **kwargs)
-        h = out[0] if isinstance(out, tuple) else out
-    return h
+    return replay(lm, group.suffix, layer + 1, h, prefix=group.prefix, rows=rows)
 
 
 def _losses(
@@ -469,8 +395,6 @@ def _losses(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per active request (``active`` ascending, ``delta[i]`` belongs to ``active[i]``): NLL of the new object
     (mean over prompts of the per-token mean), the weighted KL term, the weighted decay term."""
-    norm = lm.model.get_submodule(lm.adapter.final_norm)
-    unembed = lm.model.get_submodule(lm.adapter.unembed)
     n = active.shape[0]
     nll = torch.zeros(n, device=delta.device)
     kl = torch.zeros(n, device=delta.device)
@@ -492,13 +416,13 @@ def _losses(
             weights += [1.0 / len(pos)] * len(pos)
             owners += [o] * len(pos)
         if targets:
-            logp = unembed(norm(h[torch.tensor(where_row), torch.tensor(where_pos)])).float().log_softmax(-1)
+            logp = readout(lm, h[torch.tensor(where_row), torch.tensor(where_pos)]).log_softmax(-1)
             token_nll = -logp.gather(1, torch.tensor(targets, device=h.device)[:, None])[:, 0]
             weighted = token_nll * torch.tensor(weights, device=h.device)
             nll = nll.index_add(0, torch.tensor(owners, device=h.device), weighted)
         if kl_rows:
             kl_slot = slot[kl_rows]
-            kl_h = unembed(norm(h[torch.tensor(kl_rows), 0])).float().log_softmax(-1)
+            kl_h = readout(lm, h[torch.tensor(kl_rows), 0]).log_softmax(-1)
             init = chunk.kl_init[active[kl_slot]]
             kl = kl.index_add(0, kl_slot, (kl_h.exp() * (kl_h - init)).sum(-1))
     nll = nll / chunk.n_prompts
@@ -620,6 +544,27 @@ class ZResult:
         return ax
 
 
+def _check_contexts(contexts: Sequence[str]) -> tuple[str, ...]:
+    """Templates with one ``{}`` each, the bare ``"{}"`` among them, none twice (h is read at the bare one).
+
+    Example:
+        >>> _check_contexts(["{}", "Hello. {}", "{}"])
+        Traceback (most recent call last):
+        ...
+        ValueError: contexts must be distinct, got '{}' 2 times in ('{}', 'Hello. {}', '{}'); drop the repeats
+    """
+    contexts = tuple(contexts)
+    if "{}" not in contexts or any(not isinstance(c, str) or c.count("{}") != 1 for c in contexts):
+        raise ValueError(f"contexts must each contain one '{{}}' and include the bare '{{}}'; got {contexts}")
+    for context in contexts:
+        if contexts.count(context) > 1:
+            raise ValueError(
+                f"contexts must be distinct, got {context!r} {contexts.count(context)} times in {contexts}; "
+                "drop the repeats"
+            )
+    return contexts
+
+
 def optimise_z(
     lm: LoadedModel,
     requests: Sequence[EditRequest],
@@ -639,7 +584,7 @@ def optimise_z(
         params: :class:`ZParams` (defaults when ``None``).
         contexts: prompt templates with ``{}`` for the prompt; ``None`` samples
             ``params.n_contexts`` of them with :func:`context_templates`. ``"{}"`` (the bare
-            prompt) must be among them: h is read there.
+            prompt) must be among them: h is read there. Each may appear once.
         batched: ``False`` optimises one request at a time (same optimum, slower; for checks).
         progress: show a progress bar over chunks.
     """
@@ -649,9 +594,7 @@ def optimise_z(
         raise ValueError(f"layer must be in 0..{lm.n_layers - 1}, got {layer}")
     if contexts is None:
         contexts = context_templates(lm, params.n_contexts, params.context_tokens, seed=params.context_seed)
-    contexts = tuple(contexts)
-    if "{}" not in contexts or any(c.count("{}") != 1 for c in contexts):
-        raise ValueError(f"contexts must each contain one '{{}}' and include the bare '{{}}'; got {contexts}")
+    contexts = _check_contexts(contexts)
     size = params.chunk if batched else 1
     # Similar lengths share a chunk: less padding.
     order = sorted(range(len(requests)), key=lambda i: len(requests[i].text))

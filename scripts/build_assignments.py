@@ -8,7 +8,8 @@ A master (``notebooks/assignments/masters/NN_name.py``) is a Python script cut i
     # %% setup                the imports every exercise needs (locked)
     # %% solution             an exercise: a typed function whose body sits between
                               ### BEGIN SOLUTION and ### END SOLUTION
-    # %% check points=2       a graded check cell: one line, check_name(function)
+    # %% check points=2       a graded check cell: one line, course.check_name(function)
+                              (``course = memit_lab.checks.Course()`` in the setup cell)
     # %% ... ignore-output    any cell: its output varies by run (nbval does not compare it)
 
 From it this script writes
@@ -49,7 +50,7 @@ VERSIONS = ("solutions", "student")
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
 # nbgrader's ClearSolutions.code_stub["python"], so our student version matches its release
 CODE_STUB = "# YOUR CODE HERE\nraise NotImplementedError()"
-CHECK_CALL = re.compile(r"^(check_\w+)\((\w+)\)$")
+CHECK_CALL = re.compile(r"^course\.(check_\w+)\((\w+)\)$")
 HEADER = re.compile(r"^# %%(.*)$")
 NOTES = {
     "solutions": "*Solution version, also the nbgrader source notebook: `nbgrader generate_assignment` makes the "
@@ -127,14 +128,14 @@ def _validate(path: Path, cell: Cell) -> None:
     if cell.kind == "solution" and (cell.source.count(BEGIN) != 1 or cell.source.count(END) != 1):
         raise ValueError(f"{where}: a solution cell needs exactly one {BEGIN} ... {END} region")
     if cell.kind == "check" and (not CHECK_CALL.match(cell.source) or cell.points <= 0):
-        raise ValueError(f"{where}: a check cell is one line `check_name(function)` with points=N (N > 0)")
+        raise ValueError(f"{where}: a check cell is one line `course.check_name(function)` with points=N (N > 0)")
     if cell.kind != "check" and cell.points:
         raise ValueError(f"{where}: only check cells carry points")
 
 
 def _student_source(cell: Cell) -> str:
     if cell.kind == "check":
-        return CHECK_CALL.sub(r"\1(\2, pending_ok=True)", cell.source)
+        return CHECK_CALL.sub(r"course.\1(\2, pending_ok=True)", cell.source)
     if cell.kind != "solution":
         return cell.source
     lines, out, inside = cell.source.split("\n"), [], False

@@ -47,16 +47,17 @@ import torch
 
 from memit_lab import load_model
 from memit_lab.facts import KNOWN_FACTS
+from memit_lab.layer_choice import recommend_layers
 from memit_lab.memit import MemitHyperParams
 from memit_lab.tracing import (
     KINDS,
     average_indirect_effect,
     embedding_noise,
-    recommend_layers,
     restored_prob,
     trace,
     trace_all,
 )
+from memit_lab.tracing_plots import plot_average_effect, plot_recommendation, plot_trace
 
 torch.manual_seed(0)
 torch.set_num_threads(2)
@@ -131,7 +132,7 @@ What to look for (ROME's figure 1 on GPT-2 XL shows the same shapes):
 code(r"""
 fig, axes = plt.subplots(1, 3, figsize=(16, 3.8))
 for ax, kind in zip(axes, KINDS, strict=True):
-    traces[kind].plot(ax=ax)
+    plot_trace(traces[kind], ax=ax)
 plt.show()
 """)
 
@@ -238,7 +239,7 @@ avg = average_indirect_effect(lm, facts, samples=SAMPLES)
 )
 
 code(r"""
-avg.plot()
+plot_average_effect(avg)
 plt.show()
 print(f"mean P(target): clean {avg.clean_prob:.3f}, corrupted {avg.corrupted_prob:.3f}")
 print("facts with tokens in each group:", dict(zip(avg.categories, avg.counts, strict=True)))
@@ -279,7 +280,7 @@ and an edited model gets its own.
 
 code(r"""
 rec = recommend_layers(lm, facts, samples=SAMPLES)
-rec.plot()
+plot_recommendation(rec)
 plt.show()
 print(rec.criterion)
 print(f"\nrecommended R for {lm.name}: layers {rec.layers[0]}-{rec.layers[-1]}, z at layer {rec.layers[-1]}")
@@ -301,7 +302,7 @@ standard errors above its neighbours, so the evidence points clearly at the firs
 memit_lab's default for the bundled model is this recommendation, $R$ = 0–4 (`MemitHyperParams.for_model`). It was
 chosen by measuring edits, not by the trace alone: on the first 100 facts of the fact set edited at once,
 0–4 scores efficacy 96.0, paraphrase 94.5 and neighbourhood 73.4 %, against 94.0, 90.5 and 72.4 % for the earlier
-default 3–7 (the evidence is next to `memit_lab.memit.MODEL_DEFAULTS`). For any other model,
+default 3–7 (the evidence is next to `memit_lab.hparams.MODEL_DEFAULTS`). For any other model,
 `MemitHyperParams.for_model` runs this recommendation once and caches it.
 """)
 
@@ -320,7 +321,7 @@ code(r"""
 my_prompt, my_subject = "Ludwig van Beethoven was a famous", "Ludwig van Beethoven"
 mine = trace(lm, my_prompt, my_subject, target=None, kind="mlp", samples=SAMPLES)
 print(f"P({mine.target!r}): clean {mine.clean_prob:.3f}, corrupted {mine.corrupted_prob:.3f}")
-mine.plot()
+plot_trace(mine)
 plt.show()
 mine.peaks(3)
 """)

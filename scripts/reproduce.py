@@ -31,7 +31,7 @@ from memit_lab.datasets import load_factset
 from memit_lab.evaluate import zsre_summary
 from memit_lab.experiments import PLANS, SCALES, cached_run, question_slice, scale, scaling_sweep
 from memit_lab.limitations import TWO_WAY_FACTS, direction_scores, forward_requests, inverse_requests
-from memit_lab.memit import edits_applied
+from memit_lab.methods import edits_applied
 from memit_lab.tradeoffs import relation_study, tradeoff_grid
 
 

@@ -32,7 +32,7 @@ def test_demo_tour_on_the_bundled_model(capsys: pytest.CaptureFixture[str]) -> N
 def test_demo_tour_traces_a_model_without_measured_defaults_once(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import memit_lab.tracing as tracing
+    import memit_lab.layer_choice as layer_choice
 
     calls = []
 
@@ -40,8 +40,8 @@ def test_demo_tour_traces_a_model_without_measured_defaults_once(
         calls.append(kwargs)
         return recommend(*args, **kwargs)
 
-    recommend = tracing.recommend_layers
-    monkeypatch.setattr(tracing, "recommend_layers", counted)
+    recommend = layer_choice.recommend_layers
+    monkeypatch.setattr(layer_choice, "recommend_layers", counted)
     args = ["demo", "--model", "tiny-gpt2", "-k", "1", "--edits", "2", "--samples", "1", "--stats-tokens", "512"]
     assert main(args) == 0
     out = capsys.readouterr().out

@@ -127,13 +127,14 @@ def test_check_fails_on_the_stub_and_says_which_line_to_replace(
 ) -> None:
     """The solutions passing is nbval's part: it re-runs every check cell of the solution notebooks and compares
     with the committed "passed: ..." outputs, which the test above requires."""
-    run: Callable[..., CheckResult] = getattr(checks, check)
+    course = checks.Course()
+    run: Callable[..., CheckResult] = getattr(course, check)
     stub = build.exercise_namespace(master, "student")[function]
     with pytest.raises(NotImplementedYet, match=f"raise NotImplementedError\\(\\)` in {function}"):
         run(stub)
     pending = run(stub, pending_ok=True)
     assert pending.pending and not pending.passed and "not implemented yet" in repr(pending)
-    assert not checks.has_passed(run, stub)
+    assert not course.has_passed(run, stub)
 
 
 def test_has_passed_remembers_the_function_that_passed_until_the_check_fails() -> None:
@@ -143,13 +144,16 @@ def test_has_passed_remembers_the_function_that_passed_until_the_check_fails() -
     def fit_again(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:  # the same code, re-defined
         return fit(keys, values)
 
-    assert checks.check_fit_memory(fit).passed
-    assert checks.has_passed(checks.check_fit_memory, fit)
-    assert not checks.has_passed(checks.check_fit_memory, fit_again)
-    assert not checks.has_passed(checks.check_rank_one_update, fit)
+    course = checks.Course()
+    assert course.check_fit_memory(fit).passed
+    assert course.has_passed(course.check_fit_memory, fit)
+    assert course.has_passed(checks.check_fit_memory, fit)  # the check itself names the same record
+    assert not course.has_passed(course.check_fit_memory, fit_again)
+    assert not course.has_passed(course.check_rank_one_update, fit)
+    assert not checks.Course().has_passed(checks.check_fit_memory, fit)  # each course keeps its own record
     with pytest.raises(CheckFailed):
-        checks.check_fit_memory(_fit_transposed)
-    assert not checks.has_passed(checks.check_fit_memory, fit)
+        course.check_fit_memory(_fit_transposed)
+    assert not course.has_passed(course.check_fit_memory, fit)
 
 
 # -- wrong answers are rejected with a specific hint ------------------------------------------------------
@@ -457,7 +461,7 @@ WRONG_CASES = [(check, fn, words) for check, cases in WRONG.items() for fn, word
 
 def test_every_check_is_tried_on_wrong_answers() -> None:
     every = {name for name in checks.__all__ if name.startswith("check_")}
-    assert every == set(WRONG)
+    assert every == set(WRONG) == set(checks.CHECKS)
     assert {check for _, check, _, _ in CHECK_CELLS} == every
 
 
@@ -483,17 +487,23 @@ def test_restoration_check_hands_out_exactly_the_noise_memit_lab_tracing_draws(s
     fact = KNOWN_FACTS[0]
     scale = embedding_noise(smollm)
     traced = trace(smollm, fact.prompt, fact.subject, noise=scale, samples=1, seed=5, positions=[0])
-    noise = checks._tracing_noise(smollm, fact.prompt, fact.subject, scale, 5, traced.target_id, traced.corrupted_prob)
+    noise = checks.causal_tracing._tracing_noise(
+        smollm, fact.prompt, fact.subject, scale, 5, traced.target_id, traced.corrupted_prob
+    )
     span = subject_token_span(smollm.tokenizer, fact.prompt, fact.subject)
     assert noise.shape == (span[1] - span[0], smollm.d_model)
     assert abs(float(noise.double().std()) - scale) < 0.1 * scale  # drawn at the scale asked for
     with pytest.raises(RuntimeError, match="no longer reproduces"):  # another draw gives another corrupted run
-        checks._tracing_noise(smollm, fact.prompt, fact.subject, scale, 6, traced.target_id, traced.corrupted_prob)
+        checks.causal_tracing._tracing_noise(
+            smollm, fact.prompt, fact.subject, scale, 6, traced.target_id, traced.corrupted_prob
+        )
 
 
 def test_a_check_needs_the_function_itself() -> None:
     with pytest.raises(TypeError, match=r"no parentheses|parameter 'fn'"):  # beartype answers first in tests
         checks.check_fit_memory(fit_memory(torch.eye(2, dtype=torch.float64), torch.eye(2, dtype=torch.float64)))
+    with pytest.raises(TypeError, match="no parentheses"):  # and the course says so before its record changes
+        checks.Course().check_fit_memory(torch.eye(2))
 
 
 # -- nbgrader round trip ------------------------------------------------------------------------------------

@@ -77,6 +77,35 @@ def test_tfidf_matches_the_formula() -> None:
     assert tfidf.similarity("zebra", "paris") == 0.0
 
 
+_RS_CORPUS = [
+    "Paris is the capital and most populous city of France.",
+    "Rome is the capital city of Italy, with 2.8 million residents.",
+    "The Eiffel Tower is a wrought-iron lattice tower in Paris, France.",
+    "Tokyo is the capital of Japan; Tokyo's population is huge.",
+    "Berlin, Germany's capital, dates to the 13th century. BERLIN berlin Berlin!",
+    "Miles Davis was an American jazz trumpeter, bandleader, and composer.",
+    "Café naïve résumé — Unicode words: Zürich, São Paulo, 東京 and ü ß.",
+]
+
+
+@pytest.mark.parametrize(
+    ("text_a", "text_b", "rs"),
+    [
+        ("Paris Paris France is big", _RS_CORPUS[0], "0x1.02d450476eeb6p-1"),
+        ("The capital of Italy is Rome, Rome, Rome.", _RS_CORPUS[1] + " " + _RS_CORPUS[0], "0x1.fac019e3ad0a2p-2"),
+        ("tokyo TOKYO japan the the the a b c", _RS_CORPUS[3], "0x1.5deb408d52e5bp-1"),
+        ("Berlin berlin 13th century jazz", _RS_CORPUS[4] + " " + _RS_CORPUS[5], "0x1.7d4188c9e53dap-1"),
+        ("Zürich and São Paulo, café résumé 東京", _RS_CORPUS[6], "0x1.a78be361f8ed4p-1"),
+        ("zebra quantum xylophone", _RS_CORPUS[2], "0x0.0p+0"),
+        ("", _RS_CORPUS[0], "0x0.0p+0"),
+        (" ".join(_RS_CORPUS), " ".join(reversed(_RS_CORPUS)), "0x1.0000000000000p+0"),
+    ],
+)
+def test_rs_keeps_its_numbers_bit_for_bit(text_a: str, text_b: str, rs: str) -> None:
+    """RS as computed before the refactor (float hex), so a change of TF-IDF code cannot move the tables."""
+    assert TfIdf.fit(set(_RS_CORPUS)).similarity(text_a, text_b) == float.fromhex(rs)
+
+
 def test_counterfact_summary_is_table_2() -> None:
     frame = pd.DataFrame(
         {"es": [1.0, 0.0], "ps": [1.0, 0.5], "ns": [0.8, 0.6], "em": [0.3, -0.1], "pm": [0, 0], "nm": [0.1, 0.3]}
@@ -212,3 +241,11 @@ def test_zsre_scores_and_summary() -> None:
     summary = zsre_summary(frame)
     assert list(summary.index) == ["Efficacy", "Paraphrase", "Specificity"]
     assert summary["Specificity"] == pytest.approx(100 * hits[2].mean())
+
+
+def test_sample_texts_restores_the_padding_side_it_found() -> None:
+    lm = load_model("tiny-gpt2")
+    for side in ("left", "right"):
+        lm.tokenizer.padding_side = side
+        sample_texts(lm, ["a b", "Paris is"], max_new_tokens=2)
+        assert lm.tokenizer.padding_side == side

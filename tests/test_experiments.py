@@ -26,6 +26,7 @@ from memit_lab.experiments import (
     scale,
     scaling_sweep,
 )
+from memit_lab.layer_choice import memit_defaults
 from memit_lab.limitations import subject_at_first_token
 from memit_lab.memit import MemitHyperParams
 from memit_lab.requests import EditRequest
@@ -176,7 +177,7 @@ def test_cached_run_keys_default_hparams_like_explicit_ones(tmp_path: Path, monk
     again = cached_run(lm, _records(2), "unedited", hparams=default_hparams(lm, "unedited"))
     pd.testing.assert_frame_equal(first, again)
     assert len([c for c in (tmp_path / "experiments").iterdir() if c.is_dir()]) == 1
-    assert default_hparams(lm, "memit") == MemitHyperParams.for_model(lm)
+    assert default_hparams(lm, "memit") == memit_defaults(lm)
     with pytest.raises(ValueError, match="unknown method"):
         default_hparams(lm, "mend")
 

@@ -7,10 +7,11 @@ from helpers import WeightSnapshot
 
 import memit_lab.finetune as ft_module
 from memit_lab import LoadedModel
+from memit_lab.editing import NonFiniteUpdateError
 from memit_lab.facts import KNOWN_FACTS
 from memit_lab.finetune import FtHyperParams, apply_ft, target_nll
-from memit_lab.memit import NonFiniteUpdateError, edits_applied
-from memit_lab.prompts import target_scores
+from memit_lab.methods import edits_applied
+from memit_lab.prompts import padded_batch, target_scores
 from memit_lab.requests import ConflictingRequestsError, EditRequest, InvalidRequestError, request_from_fact
 from memit_lab.zopt import tokenise_prompt
 
@@ -28,7 +29,7 @@ def _new_logprob(lm: LoadedModel) -> torch.Tensor:
 
 def test_loss_is_the_full_models_teacher_forced_nll(tiny_lm: LoadedModel) -> None:
     prompts = [tokenise_prompt(tiny_lm, r, "{}", r.target_new) for r in REQUESTS]
-    ids, mask = ft_module._batch_inputs(tiny_lm, prompts)
+    ids, mask = padded_batch(tiny_lm.tokenizer, [p.ids for p in prompts], tiny_lm.device)
     got = target_nll(tiny_lm, prompts, ids, mask)
     # Independently: full logits of each prompt alone, the target tokens' log-probabilities.
     expected = torch.stack([-torch.tensor(0.0) - s for s in _new_logprob(tiny_lm)])

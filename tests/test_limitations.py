@@ -6,6 +6,7 @@ import torch
 
 from memit_lab import load_model
 from memit_lab.datasets import load_factset
+from memit_lab.editing import WeightBackup
 from memit_lab.evaluate import mean_nll
 from memit_lab.experiments import edit_request
 from memit_lab.hooks import Trace
@@ -19,7 +20,7 @@ from memit_lab.limitations import (
     subject_at_first_token,
     update_response,
 )
-from memit_lab.memit import WeightBackup, edits_applied
+from memit_lab.methods import edits_applied
 from memit_lab.models import LoadedModel
 from memit_lab.requests import EditRequest, check_requests
 

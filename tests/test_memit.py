@@ -6,15 +6,10 @@ from helpers import WeightSnapshot
 
 import memit_lab.memit as memit_module
 from memit_lab import LoadedModel, load_model
+from memit_lab.editing import NonFiniteUpdateError, edit_keys, hidden_at_subject
 from memit_lab.hooks import Trace
-from memit_lab.memit import (
-    MemitHyperParams,
-    NonFiniteUpdateError,
-    apply_memit,
-    edit_keys,
-    edits_applied,
-    hidden_at_subject,
-)
+from memit_lab.memit import MemitHyperParams, apply_memit
+from memit_lab.methods import edits_applied
 from memit_lab.requests import ConflictingRequestsError, EditRequest, InvalidRequestError
 from memit_lab.stats import key_second_moment
 from memit_lab.zopt import ZParams, _losses, _prepare, optimise_z, tokenise_prompt

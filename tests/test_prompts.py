@@ -4,7 +4,20 @@ import pytest
 import torch
 
 from memit_lab import LoadedModel, SubjectNotFoundError, load_model
-from memit_lab.prompts import generate, last_subject_token, subject_token_span, target_scores, top_predictions
+from memit_lab.prompts import (
+    check_target_pairs,
+    continuation,
+    generate,
+    last_subject_token,
+    last_token_of_chars,
+    padded_batch,
+    padding_side,
+    subject_token_span,
+    target_positions,
+    target_scores,
+    token_span_of_chars,
+    top_predictions,
+)
 from memit_lab.tiny import tiny_tokenizer
 
 
@@ -83,3 +96,74 @@ def test_greedy_generation_equals_argmax_loop() -> None:
                 ids.append(int(lm.model(torch.tensor([ids])).logits[0, -1].argmax()))
         n = len(lm.tokenizer(prompt).input_ids)
         assert text == lm.tokenizer.decode(ids[n:], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_generate_restores_the_padding_side_it_found(side: str) -> None:
+    """generate pads on the left, then gives back the side the caller had (it used to force "right")."""
+    lm = load_model("tiny-gpt2")
+    lm.tokenizer.padding_side = side
+    generate(lm, ["a b", "The capital of France is"], max_new_tokens=2)
+    assert lm.tokenizer.padding_side == side
+
+
+def test_padding_side_restores_the_previous_side_also_on_errors() -> None:
+    tok = tiny_tokenizer()
+    tok.padding_side = "left"
+    seen = []
+
+    def pad_then_fail() -> None:
+        with padding_side(tok, "right"):
+            seen.append(tok.padding_side)
+            raise RuntimeError
+
+    with pytest.raises(RuntimeError):
+        pad_then_fail()
+    assert seen == ["right"] and tok.padding_side == "left"
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_batch_equals_the_tokenizers_own_padding(side: str) -> None:
+    tok = tiny_tokenizer("sentencepiece")
+    texts = ["The capital of France is", "a", "Miles Davis plays the trumpet"]
+    with padding_side(tok, side):
+        enc = tok(texts, return_tensors="pt", padding=True)
+    ids, mask = padded_batch(tok, [tok(t).input_ids for t in texts], side=side)  # type: ignore[arg-type]
+    assert torch.equal(ids, enc.input_ids) and torch.equal(mask, enc.attention_mask)
+    assert ids.dtype == mask.dtype == torch.long
+    empty_ids, empty_mask = padded_batch(tok, [[], []])
+    assert empty_ids.shape == empty_mask.shape == (2, 0)
+
+
+def test_padded_batch_refuses_a_tokenizer_without_pad_token() -> None:
+    tok = tiny_tokenizer()
+    tok.pad_token = None
+    with pytest.raises(ValueError, match="no pad token"):
+        padded_batch(tok, [[1, 2]])
+
+
+def test_tokens_by_character_offsets() -> None:
+    tok = tiny_tokenizer("byte-level")
+    prompt, subject = "The Eiffel Tower is in", "Eiffel Tower"
+    offsets = tok(prompt, return_offsets_mapping=True)["offset_mapping"]
+    begin = prompt.index(subject)
+    assert token_span_of_chars(offsets, begin, begin + len(subject)) == subject_token_span(tok, prompt, subject)
+    assert last_token_of_chars(offsets, begin, begin + len(subject)) == last_subject_token(tok, prompt, subject)
+    with pytest.raises(ValueError, match=r"no token covers characters 3\.\.3"):
+        token_span_of_chars(offsets, 3, 3)
+    # The target's leading space is glued to its first token; special tokens (no characters) never count.
+    text = continuation("The capital of France is ", "Paris")
+    enc = tok(text, return_offsets_mapping=True)
+    targets = target_positions(enc["offset_mapping"], "The capital of France is ")
+    assert tok.decode([enc.input_ids[i] for i in targets]) == " Paris"
+    assert target_positions([(0, 0), (0, 3), (0, 0)], "") == [1]
+
+
+def test_check_target_pairs() -> None:
+    check_target_pairs(["a b"], ["c"])
+    with pytest.raises(ValueError, match="one target per prompt"):
+        check_target_pairs(["a b"], ["x", "y"])
+    with pytest.raises(ValueError, match="target must be a non-empty string"):
+        check_target_pairs(["a b"], [" "])
+    with pytest.raises(ValueError, match="prompt must be a non-empty string"):
+        check_target_pairs([""], ["x"])

@@ -99,3 +99,23 @@ def test_load_requests_from_json(tmp_path: Path) -> None:
     path.write_text("{}")
     with pytest.raises(InvalidRequestError, match="non-empty JSON list"):
         load_requests(path)
+
+
+@pytest.mark.parametrize("context", ["no slot", "{} and {}", "{}{}"])
+def test_a_context_needs_exactly_one_slot(context: str) -> None:
+    request = EditRequest("{} is in", "Paris", "Rome")
+    with pytest.raises(InvalidRequestError, match=r"exactly one '\{\}' where the prompt goes"):
+        request.formatted(context)
+    with pytest.raises(InvalidRequestError, match="exactly one"):
+        request.subject_chars(context)
+
+
+def test_subject_chars_point_at_the_slot_not_at_an_earlier_mention() -> None:
+    request = EditRequest("Where is {}? {} is in", "Paris", "Rome")  # refused: two slots in the template
+    with pytest.raises(InvalidRequestError, match="exactly one"):
+        request.subject_chars("{}")
+    request = EditRequest("The city of {} is in", "Paris", "Rome")
+    context = "Paris was rainy. {}"
+    start, end = request.subject_chars(context)
+    assert request.formatted(context) == "Paris was rainy. The city of Paris is in"
+    assert (start, end) == (29, 34) and request.formatted(context)[start:end] == "Paris"

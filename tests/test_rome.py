@@ -7,8 +7,9 @@ from helpers import WeightSnapshot
 
 import memit_lab.rome as rome_module
 from memit_lab import LoadedModel
+from memit_lab.editing import NonFiniteUpdateError, edit_keys, hidden_at_subject
 from memit_lab.facts import KNOWN_FACTS
-from memit_lab.memit import NonFiniteUpdateError, edit_keys, edits_applied, hidden_at_subject
+from memit_lab.methods import edits_applied
 from memit_lab.prompts import target_scores, top_predictions
 from memit_lab.requests import ConflictingRequestsError, EditRequest, InvalidRequestError, request_from_fact
 from memit_lab.rome import RomeHyperParams, apply_rome

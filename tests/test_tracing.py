@@ -15,25 +15,24 @@ import matplotlib
 import pytest
 import torch
 
-import memit_lab.tracing as tracing_module
+import memit_lab.layer_choice as layer_choice_module
 from memit_lab import LoadedModel, SubjectNotFoundError, load_model
 from memit_lab.cache import write_manifest
 from memit_lab.cli import main
 from memit_lab.facts import KNOWN_FACTS, Fact
-from memit_lab.memit import MODEL_DEFAULTS as MEMIT_DEFAULTS
-from memit_lab.memit import MemitHyperParams, default_layers
+from memit_lab.hparams import MODEL_DEFAULTS, MemitHyperParams, default_layers
+from memit_lab.layer_choice import NoTraceableFactsError, memit_defaults, recommend_layers
 from memit_lab.residual import resolve_target
 from memit_lab.tracing import (
     CATEGORIES,
-    NoTraceableFactsError,
     average_indirect_effect,
     category_positions,
     embedding_noise,
-    recommend_layers,
     restored_prob,
     trace,
     trace_all,
 )
+from memit_lab.tracing_plots import plot_average_effect, plot_recommendation, plot_trace
 
 matplotlib.use("Agg")
 
@@ -219,7 +218,7 @@ def test_result_frame_and_plot() -> None:
     assert frame.subject.sum() == lm.n_layers * 2  # ' Eiffel', ' Tower'
     peak = result.peaks(1).iloc[0]
     assert peak.score == pytest.approx(float(result.scores.max()))
-    fig = result.plot()
+    fig = plot_trace(result)
     labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
     assert labels[1:3] == ["' Eiffel'*", "' Tower'*"] and not labels[0].endswith("*")
     matplotlib.pyplot.close(fig)
@@ -252,7 +251,7 @@ def test_average_indirect_effect_is_the_mean_of_the_traces() -> None:
     torch.testing.assert_close(avg.curve("mlp"), torch.stack(curves).mean(0), rtol=1e-5, atol=1e-9)
     frame = avg.to_frame()
     assert len(frame) == 3 * len(CATEGORIES) * lm.n_layers
-    matplotlib.pyplot.close(avg.plot())
+    matplotlib.pyplot.close(plot_average_effect(avg))
 
 
 def test_recommend_layers_picks_the_strongest_window_and_caches_it(
@@ -276,7 +275,7 @@ def test_recommend_layers_picks_the_strongest_window_and_caches_it(
     assert again.layers == rec.layers and torch.equal(again.effect, rec.effect)
     with pytest.raises(ValueError, match="n=4 layers do not fit"):
         recommend_layers(lm, facts, n=4)
-    matplotlib.pyplot.close(rec.plot())
+    matplotlib.pyplot.close(plot_recommendation(rec))
 
 
 def test_memit_defaults_take_their_layers_from_tracing(
@@ -288,13 +287,15 @@ def test_memit_defaults_take_their_layers_from_tracing(
     usable = [f for f in KNOWN_FACTS[::4] if _first_token_ok(lm, f)]
     assert 0 < len(usable) < len(KNOWN_FACTS[::4])  # the tiny vocabulary spells some objects letter by letter
     expected = recommend_layers(lm, usable, n=n, use_cache=False)
-    assert MemitHyperParams.for_model(lm).layers == expected.layers
+    assert memit_defaults(lm).layers == expected.layers
     assert len(list((tmp_path / "tracing").glob("layers-*/recommendation.json"))) == 1  # traced once, then read
+    # Without tracing, the hyper-parameters' own default is the paper's range scaled.
+    assert MemitHyperParams.for_model(lm).layers == default_layers(lm.n_layers)
     # The bundled model keeps its measured defaults; a vocabulary without any traceable object falls back.
-    assert MemitHyperParams.for_model(smollm) is MEMIT_DEFAULTS["smollm2-135m"]
-    monkeypatch.setattr(tracing_module, "resolve_target", _never_a_token)
+    assert memit_defaults(smollm) is MemitHyperParams.for_model(smollm) is MODEL_DEFAULTS["smollm2-135m"]["memit"]
+    monkeypatch.setattr(layer_choice_module, "resolve_target", _never_a_token)
     with caplog.at_level("WARNING"):
-        assert MemitHyperParams.for_model(lm).layers == default_layers(lm.n_layers)
+        assert memit_defaults(lm).layers == default_layers(lm.n_layers)
     assert "pass facts=[...]" in caplog.text
     with pytest.raises(NoTraceableFactsError):
         recommend_layers(lm, n=n, use_cache=False)

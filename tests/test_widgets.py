@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import pytest
 import torch
 from helpers import WeightSnapshot
 
 from memit_lab import LoadedModel, load_model
+from memit_lab.editing import EditResult
+from memit_lab.explorer_views import render
 from memit_lab.facts import KNOWN_FACTS, facts_by_relation
-from memit_lab.memit import MemitHyperParams
+from memit_lab.hparams import FtHyperParams, MemitHyperParams, RomeHyperParams
+from memit_lab.layer_choice import recommend_layers
+from memit_lab.methods import METHODS
 from memit_lab.requests import EditRequest
 from memit_lab.residual import direct_logit_attribution, logit_lens, run_with_cache
-from memit_lab.rome import RomeHyperParams, apply_rome
+from memit_lab.rome import apply_rome
 from memit_lab.stats import key_second_moment
-from memit_lab.tracing import recommend_layers, trace
+from memit_lab.tracing import trace
 from memit_lab.widgets import (
     EditView,
     Explorer,
@@ -25,6 +32,7 @@ from memit_lab.widgets import (
     UndoView,
     apply_edit,
     default_probes,
+    method_labels,
     parse_layers,
     run_lens,
     run_trace,
@@ -47,8 +55,17 @@ def gpt2() -> LoadedModel:
     return load_model("tiny-gpt2")
 
 
+LIGHT_SETTINGS = {"memit": LIGHT, "rome-seq": LIGHT_ROME}
+
+
+def _light(hparams: Any) -> Any:
+    """Any method's hyper-parameters with LIGHT's z and statistics, where it has them."""
+    fields = {f.name for f in dataclasses.fields(hparams)}
+    return hparams.replace(**{k: getattr(LIGHT, k) for k in ("z", "stats_tokens") if k in fields})
+
+
 def _state(lm: LoadedModel) -> ExplorerState:
-    return ExplorerState(lm, hparams=LIGHT, rome_hparams=LIGHT_ROME)
+    return ExplorerState(lm, hparams=LIGHT_SETTINGS)
 
 
 # -- parsing and defaults ----------------------------------------------------------------------------------------
@@ -195,7 +212,7 @@ def test_a_failing_edit_is_rolled_back(gpt2: LoadedModel, monkeypatch: pytest.Mo
             lm.adapter.w_out_parameter(lm.model, hparams.layers[0]).add_(1.0)
         raise error
 
-    monkeypatch.setattr("memit_lab.widgets.apply_memit", half_done)
+    monkeypatch.setitem(METHODS, "memit", dataclasses.replace(METHODS["memit"], apply=half_done))
     state = _state(gpt2)
     before = WeightSnapshot(gpt2)
     if isinstance(error, ValueError):
@@ -212,7 +229,7 @@ def test_a_failing_rome_edit_is_rolled_back(gpt2: LoadedModel, monkeypatch: pyte
             lm.adapter.w_out_parameter(lm.model, hparams.layer).add_(1.0)
         raise ValueError("delta is not finite")
 
-    monkeypatch.setattr("memit_lab.widgets.apply_rome", half_done)
+    monkeypatch.setitem(METHODS, "rome-seq", dataclasses.replace(METHODS["rome-seq"], apply=half_done))
     state = _state(gpt2)
     before = WeightSnapshot(gpt2)
     assert apply_edit(state, [ROME_FACT], "ROME", "2") == Message("delta is not finite")
@@ -261,7 +278,7 @@ def test_a_rome_edit_is_the_library_rome_on_one_layer_and_undo_restores_it(gpt2:
     facts = [ROME_FACT, FactEdit("The capital of France is", "France", "Berlin")]
     edited = apply_edit(state, facts, "ROME", lam=-1.0)  # λ is MEMIT's: ignored, not rejected
     assert isinstance(edited, EditView), edited
-    assert edited.layers == (LIGHT_ROME.layer,) and edited.lam is None and "λ" not in edited.html()
+    assert edited.layers == (LIGHT_ROME.layer,) and edited.lam is None and "λ" not in render(edited)
     assert before.changed() == {gpt2.adapter.w_out_module(LIGHT_ROME.layer) + ".weight"}
     via_widget = WeightSnapshot(gpt2)
 
@@ -279,6 +296,59 @@ def test_a_rome_edit_is_the_library_rome_on_one_layer_and_undo_restores_it(gpt2:
         direct.restore()
 
 
+@pytest.mark.parametrize("label", method_labels())
+def test_every_registered_method_edits_through_the_playground_and_undo_restores_it(
+    gpt2: LoadedModel, label: str
+) -> None:
+    """One edit path for the whole registry: each method writes W_out of its layers only; undo is bit for bit."""
+    state = ExplorerState(gpt2, hparams={name: _light(method.defaults(gpt2)) for name, method in METHODS.items()})
+    before = WeightSnapshot(gpt2)
+    edited = apply_edit(state, [ROME_FACT], label)
+    assert isinstance(edited, EditView), edited
+    assert edited.method == label and isinstance(state.edits[-1].result, EditResult)
+    assert before.changed() == {gpt2.adapter.w_out_module(layer) + ".weight" for layer in edited.layers}
+    assert isinstance(undo(state), UndoView) and before.unchanged()
+
+
+def test_later_edits_reuse_the_statistics_and_contexts_of_the_unedited_model(
+    gpt2: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """E[k k^T] and eq. 16's contexts are read once, before the first edit (the disk caches key on edited weights)."""
+    calls: list[list[int]] = []
+
+    def counted(lm: LoadedModel, layers: list[int], **kwargs: object) -> dict[int, torch.Tensor]:
+        calls.append(list(layers))
+        return key_second_moment(lm, layers, **kwargs)  # type: ignore[arg-type]  # the widget's own keywords
+
+    monkeypatch.setattr("memit_lab.widgets.key_second_moment", counted)
+    state = _state(gpt2)
+    contexts = context_templates(gpt2, LIGHT.z.n_contexts, LIGHT.z.context_tokens, seed=LIGHT.z.context_seed)
+    moments = key_second_moment(gpt2, [0, 1], n_tokens=LIGHT.stats_tokens, progress=False)
+    assert isinstance(apply_edit(state, [ROME_FACT], "MEMIT", "0-1"), EditView)
+    assert isinstance(apply_edit(state, [FactEdit("The capital of France is", "France", "Berlin")], "MEMIT"), EditView)
+    assert calls == [[0, 1]]
+    key = (LIGHT.z.n_contexts, LIGHT.z.context_tokens, LIGHT.z.context_seed)
+    assert state.unedited.contexts == {key: contexts}
+    assert all(
+        torch.equal(state.unedited.second_moments[layer, LIGHT.stats_tokens], moments[layer]) for layer in (0, 1)
+    )
+    assert isinstance(undo(state), UndoView) and isinstance(undo(state), UndoView)
+
+
+def test_explorer_state_refuses_hyper_parameters_of_an_unknown_or_another_method(gpt2: LoadedModel) -> None:
+    with pytest.raises(ValueError, match="unknown editing method 'MEND'"):
+        ExplorerState(gpt2, hparams={"MEND": LIGHT})
+    with pytest.raises(TypeError, match="must be a RomeHyperParams, got MemitHyperParams"):
+        ExplorerState(gpt2, hparams={"rome": LIGHT})
+    assert ExplorerState(gpt2, hparams={"rome": LIGHT_ROME}).hparams == {"rome-seq": LIGHT_ROME}
+
+
+def test_views_render_escaped_html() -> None:
+    assert (
+        render(Message("1 < 2", level="info")) == '<div class="memit-message-info" style="color:#0b5394">1 &lt; 2</div>'
+    )
+
+
 def test_undo_pops_edits_newest_first(gpt2: LoadedModel) -> None:
     state = _state(gpt2)
     original = WeightSnapshot(gpt2)
@@ -294,7 +364,7 @@ def test_undo_pops_edits_newest_first(gpt2: LoadedModel) -> None:
 
 def test_the_buttons_call_the_same_functions(gpt2: LoadedModel) -> None:
     """Clicking through the panels: bad input shows a message, Edit shows P(new) rising, Undo brings it back."""
-    explorer = Explorer(gpt2, samples=1, hparams=LIGHT, rome_hparams=LIGHT_ROME)
+    explorer = Explorer(gpt2, samples=1, hparams=LIGHT_SETTINGS)
     before = WeightSnapshot(gpt2)
     explorer.edit.edit.click()
     assert isinstance(explorer.edit.result, Message) and "new object" in explorer.edit.result.text
@@ -308,6 +378,8 @@ def test_the_buttons_call_the_same_functions(gpt2: LoadedModel) -> None:
     assert parse_layers(explorer.edit.layers.value, gpt2.n_layers) == explorer.trace.result.layers
     explorer.edit.method.value = "ROME"
     assert explorer.edit.layers.value == "1" and explorer.edit.lam.disabled
+    explorer.edit.method.value = "FT-W"
+    assert explorer.edit.layers.value == str(FtHyperParams.for_model(gpt2).layer) and explorer.edit.lam.disabled
     explorer.edit.method.value = "MEMIT"
     assert explorer.edit.layers.value == "0-1" and not explorer.edit.lam.disabled
 

@@ -25,12 +25,7 @@ from IPython.display import display
 from jaxtyping import Float
 
 from memit_lab import LoadedModel, load_model
-from memit_lab.checks import (
-    check_direct_attribution,
-    check_first_top1_layer,
-    check_lens_probs,
-    check_residual_components,
-)
+from memit_lab.checks import Course
 from memit_lab.facts import KNOWN_FACTS
 from memit_lab.prompts import last_subject_token
 from memit_lab.residual import (
@@ -48,6 +43,7 @@ torch.manual_seed(0)
 torch.set_num_threads(2)
 pd.set_option("display.precision", 3)
 pd.set_option("display.width", 160)
+course = Course()  # runs the checks below and remembers which of your functions passed
 
 # %% [markdown]
 # ## 1. The residual stream (eq. 2-6)
@@ -104,7 +100,7 @@ def residual_components(cache: ResidCache, layer: int, pos: int) -> Float[torch.
 
 
 # %% check points=2
-check_residual_components(residual_components)
+course.check_residual_components(residual_components)
 
 # %% [markdown]
 # The check first tested that your rows add up to the hidden state the model computed. `memit_lab.residual` has
@@ -143,7 +139,7 @@ def lens_probs(lm: LoadedModel, resid: Float[torch.Tensor, "*batch d_model"]) ->
 
 
 # %% check points=2
-check_lens_probs(lens_probs)
+course.check_lens_probs(lens_probs)
 
 # %% [markdown]
 # Here is the lens on our prompt (`memit_lab.residual.logit_lens`, drawn by `plot_logit_lens`): rows are $h^0$ (the
@@ -171,7 +167,7 @@ def first_top1_layer(probs: Float[torch.Tensor, "layer d_vocab"], target_id: int
 
 
 # %% check points=1
-check_first_top1_layer(first_top1_layer)
+course.check_first_top1_layer(first_top1_layer)
 
 # %% [markdown]
 # Where does the answer appear, at the last token (where the model must say it) and at the subject's last token
@@ -239,7 +235,7 @@ def direct_attribution(
 
 
 # %% check points=3
-check_direct_attribution(direct_attribution)
+course.check_direct_attribution(direct_attribution)
 
 # %% [markdown]
 # The library's version (`direct_logit_attribution`) on our fact, with the logit measured against the mean logit

@@ -19,19 +19,16 @@ from IPython.display import display
 from jaxtyping import Float
 
 from memit_lab import LoadedModel, Trace, load_model
-from memit_lab.checks import (
-    check_corrupt_subject,
-    check_restored_probability,
-    check_strongest_subject_token,
-    has_passed,
-)
+from memit_lab.checks import Course
 from memit_lab.facts import KNOWN_FACTS
 from memit_lab.prompts import subject_token_span
 from memit_lab.tracing import embedding_noise, trace
+from memit_lab.tracing_plots import plot_trace
 
 torch.manual_seed(0)
 torch.set_num_threads(2)
 pd.set_option("display.precision", 3)
+course = Course()  # runs the checks below and remembers which of your functions passed
 
 # %% [markdown]
 # ## 1. Three runs
@@ -63,7 +60,7 @@ def corrupt_subject(
 
 
 # %% check points=1
-check_corrupt_subject(corrupt_subject)
+course.check_corrupt_subject(corrupt_subject)
 
 # %% [markdown]
 # ### Reading and writing hidden states
@@ -132,7 +129,7 @@ def restored_probability(
 
 
 # %% check points=3
-check_restored_probability(restored_probability)
+course.check_restored_probability(restored_probability)
 
 # %% [markdown]
 # ## 2. The heatmap
@@ -144,7 +141,7 @@ check_restored_probability(restored_probability)
 # %%
 result = trace(lm, fact.prompt, fact.subject, fact.target, samples=3, seed=0)
 print(f"P({result.target!r}): clean {result.clean_prob:.3f}, corrupted {result.corrupted_prob:.3f}")
-fig = result.plot()
+fig = plot_trace(result)
 display(result.peaks(3).round(3))
 
 # %% [markdown]
@@ -154,8 +151,8 @@ display(result.peaks(3).round(3))
 # high in the early layers, low in the late ones (by then the fact has moved on to the last token).
 
 # %%
-ready = has_passed(check_corrupt_subject, corrupt_subject) and has_passed(
-    check_restored_probability, restored_probability
+ready = course.has_passed(course.check_corrupt_subject, corrupt_subject) and course.has_passed(
+    course.check_restored_probability, restored_probability
 )
 print("your functions passed their checks:", ready)
 if ready:
@@ -196,10 +193,10 @@ def strongest_subject_token(scores: Float[torch.Tensor, "layer pos"], span: tupl
 
 
 # %% check points=1
-check_strongest_subject_token(strongest_subject_token)
+course.check_strongest_subject_token(strongest_subject_token)
 
 # %%
-if has_passed(check_strongest_subject_token, strongest_subject_token):
+if course.has_passed(course.check_strongest_subject_token, strongest_subject_token):
     best = strongest_subject_token(result.scores, result.subject_span)
     print(f"in the map above, the subject token that carries the most: {best} {result.tokens[best]!r}")
 

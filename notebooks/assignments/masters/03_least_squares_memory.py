@@ -24,7 +24,7 @@ from IPython.display import display
 from jaxtyping import Float
 
 from memit_lab import Trace, load_model
-from memit_lab.checks import check_fit_memory, check_insert_memories, check_rank_one_update, check_rome_update
+from memit_lab.checks import Course
 from memit_lab.facts import KNOWN_FACTS
 from memit_lab.kv_memory import insertion_update, lambda_sweep, rome_rank_one_update, single_key_update
 from memit_lab.prompts import last_subject_token
@@ -34,6 +34,7 @@ torch.manual_seed(0)
 torch.set_num_threads(2)
 pd.set_option("display.float_format", "{:.2g}".format)
 pd.set_option("display.width", 160)
+course = Course()  # runs the checks below and remembers which of your functions passed
 
 # %% [markdown]
 # ## 1. A memory that pretraining fitted (eq. 7-8)
@@ -65,7 +66,7 @@ def fit_memory(
 
 
 # %% check points=2
-check_fit_memory(fit_memory)
+course.check_fit_memory(fit_memory)
 
 # %% [markdown]
 # ## 2. Writing new memories without erasing old ones (eq. 9-15)
@@ -106,7 +107,7 @@ def insert_memories(
 
 
 # %% check points=3
-check_insert_memories(insert_memories)
+course.check_insert_memories(insert_memories)
 
 # %% [markdown]
 # ## 3. What lambda trades, on a real layer
@@ -174,7 +175,7 @@ def rank_one_update(
 
 
 # %% check points=2
-check_rank_one_update(rank_one_update)
+course.check_rank_one_update(rank_one_update)
 
 # %% [markdown]
 # ROME (the single-fact method MEMIT grew from) asks for the new pair to be stored **exactly**,
@@ -203,7 +204,7 @@ def rome_update(
 
 
 # %% check points=2
-check_rome_update(rome_update)
+course.check_rome_update(rome_update)
 
 # %% [markdown]
 # The two differ only by the "1 +" in the denominator. With $C_0 = \lambda C$ the Sherman-Morrison denominator is

@@ -22,13 +22,7 @@ from jaxtyping import Float
 from transformers import PreTrainedTokenizerBase
 
 from memit_lab import LoadedModel, Trace, load_model
-from memit_lab.checks import (
-    check_average_key,
-    check_edit_position,
-    check_layer_update,
-    check_nll_with_delta,
-    has_passed,
-)
+from memit_lab.checks import Course
 from memit_lab.prompts import continuation, subject_token_span, target_scores
 from memit_lab.stats import key_second_moment
 
@@ -36,6 +30,7 @@ torch.manual_seed(0)
 torch.set_num_threads(2)
 pd.set_option("display.precision", 3)
 pd.set_option("display.width", 160)
+course = Course()  # runs the checks below and remembers which of your functions passed
 
 # %% [markdown]
 # ## 1. An edit request, and where it is written
@@ -80,7 +75,7 @@ def edit_position(tokenizer: PreTrainedTokenizerBase, prompt: str, subject: str)
 
 
 # %% check points=1
-check_edit_position(edit_position)
+course.check_edit_position(edit_position)
 
 # %% [markdown]
 # ## 2. The target hidden state $z$ (eq. 16)
@@ -148,7 +143,7 @@ def nll_with_delta(
 
 
 # %% check points=3
-check_nll_with_delta(nll_with_delta)
+course.check_nll_with_delta(nll_with_delta)
 
 # %% [markdown]
 # ## 3. Keys (eq. 19) and the share of each layer (eq. 20)
@@ -176,7 +171,7 @@ def average_key(lm: LoadedModel, layer: int, prompts: list[str], subject: str) -
 
 
 # %% check points=2
-check_average_key(average_key)
+course.check_average_key(average_key)
 
 # %% [markdown]
 # What is still missing at the top layer is $z_i - h_i^L$ (recomputed after each layer's update). Layer $l$ takes
@@ -211,7 +206,7 @@ def layer_update(
 
 
 # %% check points=2
-check_layer_update(layer_update)
+course.check_layer_update(layer_update)
 
 # %% [markdown]
 # ## 4. Algorithm 1 with your functions
@@ -229,12 +224,12 @@ check_layer_update(layer_update)
 
 # %%
 ready = all(
-    has_passed(check, function)
+    course.has_passed(check, function)
     for check, function in [
-        (check_edit_position, edit_position),
-        (check_nll_with_delta, nll_with_delta),
-        (check_average_key, average_key),
-        (check_layer_update, layer_update),
+        (course.check_edit_position, edit_position),
+        (course.check_nll_with_delta, nll_with_delta),
+        (course.check_average_key, average_key),
+        (course.check_layer_update, layer_update),
     ]
 )
 print("your functions passed their checks:", ready)
