@@ -7,7 +7,7 @@ The package stands on four floors; a module imports only from its own floor or t
 2. mathematics: residual, tracing, kv_memory, corpus, stats, requests, zopt, datasets, evaluate, limitations
 2. mathematics of editing: editing, hparams, memit, rome, finetune, alphaedit
 3. orchestration: layer_choice, methods, experiments, tradeoffs, sequential
-4. what people touch: residual_plots, tracing_plots, widgets, checks, cli
+4. what people touch: residual_plots, tracing_plots, explorer_views, widgets, checks, cli
 
 ``editing`` is the kernel every method shares (keys at the subject, weight backup, errors) and
 ``hparams`` holds every method's hyper-parameters with the measured defaults per model; ``methods``

@@ -63,7 +63,7 @@ from safetensors.torch import load_file, save_file
 from .cache import atomic_dir, cache_root, locked, read_manifest, write_manifest
 from .editing import NonFiniteUpdateError, WeightBackup, layer_second_moments, solve_device
 from .hparams import AlphaEditHyperParams
-from .memit import MemitResult, _check_preserved, _check_targets, _write_layers, _Writing
+from .memit import LayerLog, MemitResult, check_preserved, check_targets, write_layers
 from .models import LoadedModel
 from .requests import EditRequest, check_requests
 from .zopt import ZResult, context_templates, optimise_z
@@ -306,10 +306,10 @@ def apply_alphaedit(
     if hp.layers[-1] >= lm.n_layers:
         raise ValueError(f"layers {hp.layers} do not fit a model of {lm.n_layers} layers")
     requests = check_requests(requests, lm.tokenizer)
-    _check_preserved(lm, hp.layers, preserved_keys)
+    check_preserved(lm, hp.layers, preserved_keys)
     if targets is not None:
-        _check_targets(lm, requests, hp.layers[-1], targets, contexts, hp.key_batch)
-    log = _Writing(seconds={})
+        check_targets(lm, requests, hp.layers[-1], targets, contexts, hp.key_batch)
+    log = LayerLog(seconds={})
     start = time.perf_counter()
     projectors = _projectors(lm, hp, second_moments, progress)
     log.timed("stats", start)
@@ -324,7 +324,7 @@ def apply_alphaedit(
 
     backup = WeightBackup.of(lm, hp.layers)
     try:
-        final = _write_layers(lm, requests, hp, zres, zres.contexts, projected, backup, log, progress)
+        final = write_layers(lm, requests, hp, zres, zres.contexts, projected, backup, log, progress)
     except BaseException:
         backup.restore()
         raise

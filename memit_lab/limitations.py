@@ -46,9 +46,9 @@ import pandas as pd
 import torch
 from jaxtyping import Float
 
+from .editing import WeightBackup
 from .evaluate import mean_nll, paired_nll
 from .hooks import Trace
-from .editing import WeightBackup
 from .models import LoadedModel
 from .requests import EditRequest
 from .zopt import tokenise_prompt

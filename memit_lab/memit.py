@@ -66,7 +66,16 @@ from .models import LoadedModel
 from .requests import EditRequest, check_requests
 from .zopt import ZResult, context_templates, optimise_z
 
-__all__ = ["MemitHyperParams", "MemitResult", "apply_memit"]
+__all__ = [
+    "LayerLog",
+    "LayerSolve",
+    "MemitHyperParams",
+    "MemitResult",
+    "apply_memit",
+    "check_preserved",
+    "check_targets",
+    "write_layers",
+]
 
 
 @dataclass
@@ -139,7 +148,7 @@ def _resolved(
     return hp
 
 
-def _check_targets(
+def check_targets(
     lm: LoadedModel,
     requests: Sequence[EditRequest],
     top: int,
@@ -166,7 +175,7 @@ def _check_targets(
         )
 
 
-def _check_preserved(lm: LoadedModel, layers: Sequence[int], preserved: Mapping[int, torch.Tensor] | None) -> None:
+def check_preserved(lm: LoadedModel, layers: Sequence[int], preserved: Mapping[int, torch.Tensor] | None) -> None:
     """Refuse ``preserved_keys`` without a ``[d_mlp, d_mlp]`` K_p K_p^T for every edit layer."""
     if preserved is None:
         return
@@ -177,7 +186,7 @@ def _check_preserved(lm: LoadedModel, layers: Sequence[int], preserved: Mapping[
 
 
 @dataclass
-class _Writing:
+class LayerLog:
     """What Algorithm 1's layer loop records: per layer ||Delta|| and the residual left before it, and the times."""
 
     seconds: dict[str, float]
@@ -194,7 +203,7 @@ class _Writing:
 LayerSolve = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _write_layers(
+def write_layers(
     lm: LoadedModel,
     requests: Sequence[EditRequest],
     hp: MemitHyperParams | AlphaEditHyperParams,
@@ -202,7 +211,7 @@ def _write_layers(
     contexts: Sequence[str],
     solve: LayerSolve,
     backup: WeightBackup,
-    log: _Writing,
+    log: LayerLog,
     progress: bool,
 ) -> torch.Tensor:
     """Algorithm 1's loop over R, lowest layer first; returns z - h^L after the last update ``[n_edits, d_model]``."""
@@ -264,12 +273,12 @@ def apply_memit(
     """
     hp = _resolved(lm, hparams, layers, lam)
     requests = check_requests(requests, lm.tokenizer)
-    _check_preserved(lm, hp.layers, preserved_keys)
+    check_preserved(lm, hp.layers, preserved_keys)
     top = hp.layers[-1]
     if targets is not None:
-        _check_targets(lm, requests, top, targets, contexts, hp.key_batch)
+        check_targets(lm, requests, top, targets, contexts, hp.key_batch)
         contexts = targets.contexts
-    log = _Writing(seconds={})
+    log = LayerLog(seconds={})
     start = time.perf_counter()
     moments = layer_second_moments(lm, hp.layers, second_moments, hp.stats_tokens, progress)
     log.timed("stats", start)
@@ -289,7 +298,7 @@ def apply_memit(
 
     backup = WeightBackup.of(lm, hp.layers)
     try:
-        final = _write_layers(lm, requests, hp, zres, contexts, eq14, backup, log, progress)
+        final = write_layers(lm, requests, hp, zres, contexts, eq14, backup, log, progress)
     except BaseException:
         backup.restore()
         raise

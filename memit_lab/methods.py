@@ -51,6 +51,7 @@ class Method:
             ``result.restore()`` undoes it bit for bit.
         hparams: its hyper-parameter dataclass (:mod:`memit_lab.hparams`).
         defaults: the hyper-parameters it uses for a model when given none.
+        label: its name as the papers write it (menus, tables).
         description: one line for menus and ``--help``.
     """
 
@@ -58,6 +59,7 @@ class Method:
     apply: Callable[..., EditResult]
     hparams: type
     defaults: Callable[[LoadedModel], Any]
+    label: str
     description: str
 
     def __call__(
@@ -75,19 +77,19 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method(
-            "memit", apply_memit, MemitHyperParams, memit_defaults,
+            "memit", apply_memit, MemitHyperParams, memit_defaults, "MEMIT",
             "MEMIT: every edit at once, spread over the layers R (Algorithm 1)",
         ),
         Method(
-            "rome-seq", apply_rome, RomeHyperParams, RomeHyperParams.for_model,
+            "rome-seq", apply_rome, RomeHyperParams, RomeHyperParams.for_model, "ROME",
             "ROME applied sequentially: one rank-one update of one layer per edit",
         ),
         Method(
-            "ft", apply_ft, FtHyperParams, FtHyperParams.for_model,
+            "ft", apply_ft, FtHyperParams, FtHyperParams.for_model, "FT-W",
             "FT-W: fine-tuning one layer's W_out on every edit at once, each weight kept near its old value",
         ),
         Method(
-            "alphaedit", apply_alphaedit, AlphaEditHyperParams, AlphaEditHyperParams.for_model,
+            "alphaedit", apply_alphaedit, AlphaEditHyperParams, AlphaEditHyperParams.for_model, "AlphaEdit",
             "AlphaEdit: MEMIT's update projected onto the null space of the preserved keys",
         ),
     )

@@ -55,7 +55,17 @@ from transformers import DynamicCache
 from .hooks import Trace
 from .models import LoadedModel
 
-__all__ = ["BlockCall", "KeysValues", "Recording", "ReplayContractError", "readout", "record", "replay", "unembed"]
+__all__ = [
+    "BlockCall",
+    "KeysValues",
+    "Recording",
+    "ReplayContractError",
+    "readout",
+    "record",
+    "replay",
+    "replay_block",
+    "unembed",
+]
 
 #: The positional and keyword arguments a model passes one of its blocks.
 BlockCall = tuple[tuple[Any, ...], dict[str, Any]]

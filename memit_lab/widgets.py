@@ -95,9 +95,6 @@ __all__ = [
     "undo",
 ]
 
-#: What the playground calls the registered methods; a method not named here shows its registry name in capitals.
-_LABELS = {"memit": "MEMIT", "rome-seq": "ROME", "ft": "FT-W", "alphaedit": "AlphaEdit"}
-
 #: ``progress(what is happening, fraction done)``; the widgets pass one that moves a bar.
 Progress = Callable[[str, float], None]
 
@@ -124,7 +121,7 @@ def _silent(what: str, done: float) -> None:
 
 
 def _label(name: str) -> str:
-    return _LABELS.get(name, name.upper())
+    return METHODS[name].label
 
 
 def method_labels() -> tuple[str, ...]:

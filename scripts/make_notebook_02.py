@@ -303,7 +303,7 @@ memit_lab's default for the bundled model is this recommendation, $R$ = 0–4 (`
 chosen by measuring edits, not by the trace alone: on the first 100 facts of the fact set edited at once,
 0–4 scores efficacy 96.0, paraphrase 94.5 and neighbourhood 73.4 %, against 94.0, 90.5 and 72.4 % for the earlier
 default 3–7 (the evidence is next to `memit_lab.hparams.MODEL_DEFAULTS`). For any other model,
-`MemitHyperParams.for_model` runs this recommendation once and caches it.
+`memit_lab.layer_choice.memit_defaults` runs this recommendation once and caches it.
 """)
 
 md(r"""
