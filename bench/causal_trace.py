@@ -13,18 +13,25 @@ the batched computation against the per-cell loop, in the same run.
 The max difference is taken over every cell the per-cell loop computed. The script also prints the ratio of
 arithmetic (multiply-adds in linear layers) between the two methods, which bounds what any exact method can gain.
 
-Usage: .venv/bin/python bench/causal_trace.py [--samples 10] [--threads 2] [--per-cell-positions 2 9]
+* batched under bfloat16 autocast (``trace_all(..., dtype="bfloat16")``; skip with ``--no-bf16``): time, ratio
+  to float32 and the max difference from the float32 grid and from the per-cell reference.
+
+Usage: .venv/bin/python bench/causal_trace.py [--samples 10] [--threads 2] [--per-cell-positions 2 9] [--no-bf16]
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 
 from memit_lab import LoadedModel, load_model
 from memit_lab.tracing import KINDS, trace, trace_all
+
+T = TypeVar("T")
 
 
 def linear_macs(lm: LoadedModel) -> tuple[float, float]:
@@ -49,6 +56,16 @@ def arithmetic_ratio(lm: LoadedModel, n_pos: int, start: int, window: int) -> fl
     return per_cell / batched
 
 
+def best_of(repeats: int, run: Callable[[], T]) -> tuple[float, T]:
+    """The least time of ``repeats`` calls, and the last call's result."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = run()
+        times.append(time.perf_counter() - start)
+    return min(times), out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompt", default="The Eiffel Tower is located in the city of")
@@ -59,19 +76,18 @@ def main() -> None:
     parser.add_argument("--per-cell-positions", type=int, nargs="+", default=[2, 9])
     parser.add_argument("--full-baseline", action="store_true", help="run the whole per-cell grid")
     parser.add_argument("--repeats", type=int, default=2, help="batched: best of this many runs")
+    parser.add_argument("--no-bf16", action="store_true", help="skip the batched grid under bfloat16 autocast")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     lm = load_model("smollm2-135m")
-    kw = dict(window=args.window, samples=args.samples)
+    kw: dict[str, Any] = {"window": args.window, "samples": args.samples}
     trace(lm, args.prompt, args.subject, samples=1, positions=[0])  # warm-up
 
-    times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        fast = trace_all(lm, args.prompt, args.subject, **kw)  # type: ignore[arg-type]
-        times.append(time.perf_counter() - start)
-    t_fast = min(times)
+    t_fast, fast = best_of(args.repeats, lambda: trace_all(lm, args.prompt, args.subject, **kw))
+    low = None
+    if not args.no_bf16:
+        t_low, low = best_of(args.repeats, lambda: trace_all(lm, args.prompt, args.subject, dtype="bfloat16", **kw))
     n_pos = len(fast["hidden"].tokens)
     positions = None if args.full_baseline else args.per_cell_positions
     n_cols = n_pos if positions is None else len(positions)
@@ -102,6 +118,11 @@ def main() -> None:
     print(f"max |batched - per-cell| over {cells_measured} cells     {diff:.1e}")
     print(f"per-cell, one sample per pass (x{args.samples}), full grid {t_single:8.2f} s  "
           f"(ratio {t_single / t_fast:.1f} x)")  # fmt: skip
+    if low is not None:
+        to_fast = max(float((low[k].scores - fast[k].scores).nan_to_num().abs().max()) for k in KINDS)
+        to_slow = max(float((low[k].scores - slow[k].scores).nan_to_num().abs().max()) for k in KINDS)
+        print(f"batched, bfloat16 autocast (best of {args.repeats})   {t_low:8.2f} s  ({t_fast / t_low:.2f} x float32)")
+        print(f"max |bf16 - float32 batched| full grid {to_fast:.1e}; max |bf16 - per-cell| {to_slow:.1e}")
     print(f"multiply-add ratio per-cell / batched (bound for exact methods) "
           f"{arithmetic_ratio(lm, n_pos, span[0], args.window):.2f} x")  # fmt: skip
 

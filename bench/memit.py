@@ -10,7 +10,10 @@ Part 1, same run, same requests, same contexts and hyper-parameters:
   subject token on; logits only where a target is predicted; converged requests leave
   the batch; chunks of ``ZParams.chunk`` requests.
 
-Printed: both times, the ratio (goal >= 5x), the max difference of final losses and of z.
+Printed: both times, the ratio (goal >= 5x), the max difference of final losses and of z; how today's passes
+are spent (how many requests run every pass and end above stop_loss, delta at the clamp); then, for the same
+requests and contexts, each switch of ``ZParams`` off by default (``--variants``: plateau stopping, bfloat16,
+both): time, ratio to today's float32 path and max ||z - z_float32|| / ||delta_float32||.
 
 Part 2: ``apply_memit`` end to end for --n-edits (100 and 1000 by default) counterfactual
 requests made from the bundled fact set, with z / keys / solve times separately and the
@@ -24,12 +27,14 @@ Part 4 (with --compare-layers): edit quality of the same --compare-n edits writt
 R (e.g. ``3-7 0-4``: the measured default against causal tracing's recommendation), other settings the defaults.
 
 Usage: .venv/bin/python bench/memit.py [--n-z 32] [--n-edits 100 1000] [--quality-at 100] [--skip-reference]
+       [--skip-baseline] [--variants plateau bf16 plateau+bf16]
        [--compare-layers 3-7 0-4 --compare-n 100]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import multiprocessing
 import resource
 import time
@@ -136,20 +141,69 @@ def straightforward_z(
     return h0 + delta.detach(), final.tolist()
 
 
-def compare_z(lm: LoadedModel, requests: Sequence[EditRequest], layer: int, params: ZParams) -> None:
-    contexts = context_templates(lm, params.n_contexts, params.context_tokens, seed=params.context_seed)
-    start = time.perf_counter()
-    z_ref, loss_ref = straightforward_z(lm, requests, layer, contexts, params)
-    t_ref = time.perf_counter() - start
-    print(f"straightforward z, {len(requests)} requests: {t_ref:.1f} s ({t_ref / len(requests):.2f} s/edit)")
+#: Part 1's variants of today's float32 algorithm: name -> the ZParams fields they change.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "plateau": {"stop": "plateau"},
+    "bf16": {"dtype": "bfloat16"},
+    "plateau+bf16": {"stop": "plateau", "dtype": "bfloat16"},
+}
+
+
+def timed_z(lm: LoadedModel, requests: Sequence[EditRequest], layer: int, params: ZParams, contexts: Any) -> Any:
     start = time.perf_counter()
     res = optimise_z(lm, requests, layer, params, contexts=contexts)
-    t_new = time.perf_counter() - start
-    loss_new = [c[-1] for c in res.losses]
-    print(f"memit_lab z,       {len(requests)} requests: {t_new:.1f} s ({t_new / len(requests):.2f} s/edit)")
-    print(f"ratio: {t_ref / t_new:.1f}x (goal >= 5x)")
-    print(f"max |final loss difference|: {max(abs(a - b) for a, b in zip(loss_ref, loss_new, strict=True)):.2e}")
-    print(f"max |z difference|: {(z_ref - res.z).abs().max().item():.2e} (max |z| {res.z.abs().max().item():.1f})")
+    return res, time.perf_counter() - start
+
+
+def passes_report(res: Any, params: ZParams) -> None:
+    """How the passes of today's algorithm are spent: the histogram, and the requests that stall above stop_loss."""
+    frame = res.to_frame()
+    counts = frame["passes"].value_counts().sort_index()
+    print(f"   passes per request (float32): mean {frame['passes'].mean():.1f} of {params.steps}; "
+          + ", ".join(f"{k}: {v}" for k, v in counts.items()))  # fmt: skip
+    stalled = frame[(frame["passes"] == params.steps) & (frame["loss_last"] >= params.stop_loss)]
+    at_clamp = stalled[stalled["delta_rel_norm"] >= params.clamp * (1 - 1e-4)]
+    if not len(stalled):
+        return
+    print(f"   ran all {params.steps} passes and ended above stop_loss {params.stop_loss}: {len(stalled)} of "
+          f"{len(frame)} ({len(at_clamp)} with delta at the clamp); their last loss {stalled['loss_last'].min():.3f}"
+          f"-{stalled['loss_last'].max():.3f}, NLL part {stalled['nll'].min():.3f}-{stalled['nll'].max():.3f}, "
+          f"KL term {stalled['kl'].min():.3f}-{stalled['kl'].max():.3f}")  # fmt: skip
+
+
+def compare_z(
+    lm: LoadedModel,
+    requests: Sequence[EditRequest],
+    layer: int,
+    params: ZParams,
+    variants: Sequence[str],
+    baseline: bool,
+) -> None:
+    contexts = context_templates(lm, params.n_contexts, params.context_tokens, seed=params.context_seed)
+    if baseline:
+        start = time.perf_counter()
+        z_ref, loss_ref = straightforward_z(lm, requests, layer, contexts, params)
+        t_ref = time.perf_counter() - start
+        print(f"straightforward z, {len(requests)} requests: {t_ref:.1f} s ({t_ref / len(requests):.2f} s/edit)")
+    res, t_new = timed_z(lm, requests, layer, params, contexts)
+    print(f"memit_lab z float32 (today's default), {len(requests)} requests: {t_new:.1f} s "
+          f"({t_new / len(requests):.2f} s/edit), {sum(map(len, res.losses))} passes")  # fmt: skip
+    if baseline:
+        loss_new = [c[-1] for c in res.losses]
+        print(f"ratio: {t_ref / t_new:.1f}x (goal >= 5x)")
+        print(f"max |final loss difference|: {max(abs(a - b) for a, b in zip(loss_ref, loss_new, strict=True)):.2e}")
+        print(f"max |z difference|: {(z_ref - res.z).abs().max().item():.2e} (max |z| {res.z.abs().max().item():.1f})")
+    passes_report(res, params)
+    delta_norm = res.delta.norm(dim=-1)
+    for name in variants:
+        other, took = timed_z(lm, requests, layer, dataclasses.replace(params, **VARIANTS[name]), contexts)
+        rel = float(((other.z - res.z).norm(dim=-1) / delta_norm).max())
+        mean_rel = float(((other.z - res.z).norm(dim=-1) / delta_norm).mean())
+        losses = [c[-1] for c in other.losses]
+        vs_base = f", {t_ref / took:.1f}x the straightforward" if baseline else ""
+        print(f"memit_lab z {name:13} {took:7.1f} s ({took / len(requests):.2f} s/edit): {t_new / took:.2f}x float32"
+              f"{vs_base}; {sum(map(len, other.losses))} passes; ||dz|| / ||delta|| max {rel:.3f} mean {mean_rel:.3f}; "
+              f"final loss max {max(losses):.3f}, NLL max {max(p[0] for p in other.final_parts):.3f}")  # fmt: skip
 
 
 def scores_text(scores: Any) -> str:
@@ -231,6 +285,11 @@ def main() -> None:
     parser.add_argument("--n-edits", type=int, nargs="*", default=[100, 1000], help="sizes for end-to-end runs")
     parser.add_argument("--quality-at", type=int, default=100, help="score edit quality at this size (0: never)")
     parser.add_argument("--skip-reference", action="store_true", help="skip part 1 (the z comparison)")
+    parser.add_argument("--skip-baseline", action="store_true", help="part 1 without the straightforward z")
+    parser.add_argument(
+        "--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS),
+        help="part 1: switches compared with today's float32 path (none: today's path alone)",
+    )  # fmt: skip
     parser.add_argument("--compare-layers", nargs="*", default=[], help="layer ranges for part 4, e.g. 3-7 0-4")
     parser.add_argument("--compare-n", type=int, default=100, help="known facts edited in part 4")
     args = parser.parse_args()
@@ -241,7 +300,7 @@ def main() -> None:
         hp = MemitHyperParams.for_model(lm)
         requests = [edit_request(r) for r in load_factset(n=args.n_z)]
         print(f"\n== part 1: z optimisation (eq. 16) at layer {hp.layers[-1]}, {hp.z}")
-        compare_z(lm, requests, hp.layers[-1], hp.z)
+        compare_z(lm, requests, hp.layers[-1], hp.z, args.variants, baseline=not args.skip_baseline)
         del lm
     for n in args.n_edits:
         print(f"\n== part 2: apply_memit, {n} edits (bundled fact set, default hyper-parameters)")

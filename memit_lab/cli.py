@@ -198,21 +198,39 @@ def _add_trace(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     # Imported here, like trace's: pandas and the model code would slow every other command's start.
-    import pandas as pd
-
     from .datasets import load_factset, load_records
-    from .evaluate import summary_table, zsre_summary
-    from .experiments import run_edits
     from .methods import get_method
 
     method = get_method(args.method).name
+    if args.n < 1 or (args.batch_size is not None and args.batch_size < 1):
+        raise ValueError("--n and --batch-size must be at least 1")
     if args.data:
         records = load_records(args.data, snippets=args.snippets)
     else:
         records = load_factset(known=True if args.known_only else None)
     records = records[: args.n]
     lm = _load(args)
-    print(f"{len(records)} records from {args.data or 'the bundled fact set'}; editing them with {method}")
+    how = "together" if args.batch_size is None else f"in batches of {args.batch_size}, one after another"
+    print(f"{len(records)} records from {args.data or 'the bundled fact set'}; editing them with {method} {how}")
+    table = (
+        _eval_together(lm, records, method, args)
+        if args.batch_size is None
+        else _eval_sequential(lm, records, method, args)
+    )
+    if args.out:
+        Path(args.out).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(Path(args.out).expanduser())
+        print(f"\ntable written to {args.out}")
+    return 0
+
+
+def _eval_together(lm: LoadedModel, records: Sequence[Any], method: str, args: argparse.Namespace) -> Any:
+    """Every record edited in one batch, scored against the unedited model: the paper's Table 1 or 2."""
+    import pandas as pd
+
+    from .evaluate import summary_table, zsre_summary
+    from .experiments import run_edits
+
     frames = {
         name: run_edits(lm, records, name, generation=args.generation, progress=sys.stderr.isatty())
         for name in ("unedited", method)
@@ -225,7 +243,29 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print("\nCounterFact (%, the paper's Table 2 columns: S = harmonic mean of ES, PS, NS):")
     print(table.to_string())
     print(f"\nedit wall time: {frames[method].attrs['edit_seconds']:.1f} s for {len(records)} edits")
-    return 0
+    return table
+
+
+def _eval_sequential(lm: LoadedModel, records: Sequence[Any], method: str, args: argparse.Namespace) -> Any:
+    """Batch after batch on the edited model, with the collapse diagnostics after each (one row per batch)."""
+    from .datasets import CounterFactRecord
+    from .sequential import Diagnostics, run_sequential
+
+    if not all(isinstance(r, CounterFactRecord) for r in records):
+        raise ValueError("--batch-size edits CounterFact-format records only (the fact set or a CounterFact file)")
+    probes = Diagnostics.for_model(lm, generation=args.generation)
+    result = run_sequential(
+        lm, records, [method], batch_size=args.batch_size, diagnostics=probes, progress=sys.stderr.isatty()
+    )
+    table = result.to_frame().set_index(["method", "batch"])
+    shown = [c for c in ("edits", "S", "ES", "PS", "NS", "ES_first", "NS_first", "perplexity", "GE") if c in table]
+    drift = [c for c in table.columns if c.startswith(("w_change_", "sigma_max_"))]
+    print("\nCollapse diagnostics after each batch (CounterFact %; *_first: the first batch alone):")
+    print(table[shown].to_string(float_format=lambda x: f"{x:.1f}"))
+    print("\nPer edited layer: ||W - W0|| / ||W0|| and the largest singular value of W - W0:")
+    print(table[drift].to_string(float_format=lambda x: f"{x:.3f}"))
+    print(f"\nedit wall time: {table.seconds.sum():.1f} s for {len(records)} edits")
+    return table
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -234,9 +274,13 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", default=None, help="CounterFact / MultiCounterFact or zsRE JSON (default: fact set)")
     parser.add_argument("--snippets", default=None, help="attribute_snippets.json for RS (CounterFact only)")
     parser.add_argument("--method", choices=_method_choices(), default="memit", help=_method_help())
-    parser.add_argument("--n", type=int, default=100, help="edit the first n records together")
+    parser.add_argument("--n", type=int, default=100, help="edit the first n records (together, or see --batch-size)")
     parser.add_argument("--known-only", action="store_true", help="bundled fact set: only facts the model knows")
     parser.add_argument("--generation", type=int, default=0, help="GE/RS on the first this-many records (slow)")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="edit sequentially, this many per batch, with collapse diagnostics"
+    )
+    parser.add_argument("--out", default=None, help="write the final table as CSV here")
     parser.set_defaults(func=_cmd_eval)
 
 

@@ -43,8 +43,13 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+import contextvars
+import functools
+import logging
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -56,10 +61,13 @@ from .hooks import Trace
 from .models import LoadedModel
 
 __all__ = [
+    "PRECISIONS",
     "BlockCall",
     "KeysValues",
     "Recording",
     "ReplayContractError",
+    "autocast",
+    "precision",
     "readout",
     "record",
     "replay",
@@ -67,8 +75,13 @@ __all__ = [
     "unembed",
 ]
 
+log = logging.getLogger(__name__)
+
 #: The positional and keyword arguments a model passes one of its blocks.
 BlockCall = tuple[tuple[Any, ...], dict[str, Any]]
+
+#: The arithmetic a replay may run in, by name: ``None`` is the model's own (no autocast).
+PRECISIONS: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ReplayContractError(RuntimeError):
@@ -95,6 +108,13 @@ class KeysValues:
     def before(self, pos: int) -> KeysValues:
         """The keys and values of positions ``< pos``."""
         return KeysValues(tuple(k[:, :, :pos] for k in self.keys), tuple(v[:, :, :pos] for v in self.values))
+
+    def above(self, layer: int) -> KeysValues:
+        """Only the layers above ``layer`` kept (the others emptied, their memory freed): what replaying
+        blocks ``layer + 1..`` reads."""
+        keys = tuple(k if i > layer else k.new_empty(0) for i, k in enumerate(self.keys))
+        values = tuple(v if i > layer else v.new_empty(0) for i, v in enumerate(self.values))
+        return KeysValues(keys, values)
 
     def select_rows(self, rows: torch.Tensor) -> KeysValues:
         """The keys and values of batch rows ``rows``."""
@@ -276,7 +296,7 @@ def replay_block(
         args = (hidden, *args[1:])
     else:
         kwargs["hidden_states"] = hidden
-    out = lm.model.get_submodule(lm.adapter.block(layer))(*args, **kwargs)
+    out = _call_block(lm, layer, args, kwargs)
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -313,3 +333,102 @@ def unembed(lm: LoadedModel, normed: Float[torch.Tensor, "*batch d_model"]) -> F
 def readout(lm: LoadedModel, hidden: Float[torch.Tensor, "*batch d_model"]) -> Float[torch.Tensor, "*batch d_vocab"]:
     """Logits (float32) from the last block's output: the adapter's final norm, then its unembedding."""
     return unembed(lm, lm.model.get_submodule(lm.adapter.final_norm)(hidden))
+
+
+# --- reduced precision: blocks under autocast, where the hardware computes it natively -------------------------------
+
+
+def _cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (Linux's /proc/cpuinfo; empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    return frozenset()
+
+
+#: CPU flags of native low-precision matrix products (AVX512-BF16 / AMX, AVX512-FP16 / AMX-FP16).
+_CPU_FLAGS = {torch.bfloat16: {"avx512_bf16", "amx_bf16"}, torch.float16: {"avx512_fp16", "amx_fp16"}}
+
+
+@functools.cache
+def _native(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether ``device_type`` computes ``dtype`` matrix products natively (elsewhere they are emulated: slower)."""
+    if device_type == "cuda":
+        return dtype is torch.float16 or torch.cuda.is_bf16_supported()
+    if device_type == "cpu":
+        return torch.backends.cpu.get_cpu_capability().startswith("AVX512") and bool(_cpu_flags() & _CPU_FLAGS[dtype])
+    return False
+
+
+def precision(lm: LoadedModel, name: str) -> torch.dtype | None:
+    """The autocast type for ``name`` (a key of :data:`PRECISIONS`) on ``lm``'s device; ``None`` for float32,
+    and, with a logged warning, where the hardware lacks it (the replay then runs in float32).
+
+    Example:
+        >>> from memit_lab import load_model
+        >>> precision(load_model("tiny-gpt2"), "float32") is None
+        True
+    """
+    if name not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {name!r}")
+    dtype = PRECISIONS[name]
+    if dtype is None or lm.dtype != torch.float32:
+        return None
+    if not _native(lm.device.type, dtype):
+        _warn_emulated(lm.device.type, name)
+        return None
+    return dtype
+
+
+@functools.cache
+def _warn_emulated(device_type: str, name: str) -> None:
+    """Once per device type and precision (a replay asks at every step)."""
+    log.warning("%s has no native %s matrix products: replaying in float32", device_type, name)
+
+
+#: Inside :func:`autocast`: the model, the type, and per replayed block its matrices in that type.
+_LOW: contextvars.ContextVar[tuple[torch.nn.Module, torch.dtype, dict[int, dict[str, torch.Tensor]]] | None] = (
+    contextvars.ContextVar("low_precision_blocks", default=None)
+)
+
+
+@contextlib.contextmanager
+def autocast(lm: LoadedModel, dtype: torch.dtype | None, blocks: Iterable[int]) -> Iterator[None]:
+    """Inside, :func:`replay_block` runs ``blocks`` under autocast to ``dtype`` (``None``: as they are).
+
+    Copies of those blocks' matrices in ``dtype`` are made on entering and used by every replay
+    inside: autocast keeps its casts only of weights that require gradients, so without them each
+    replayed block would cast its weights again at every call. Only replayed blocks change: a
+    readout or a recording inside still runs in the model's own type. The copies are taken from
+    the weights as they are on entering; do not edit the model inside.
+    """
+    if dtype is None:
+        yield
+        return
+    copies = {
+        layer: {
+            name: p.detach().to(dtype)
+            for name, p in lm.model.get_submodule(lm.adapter.block(layer)).named_parameters()
+            if p.ndim == 2
+        }
+        for layer in blocks
+    }
+    token = _LOW.set((lm.model, dtype, copies))
+    try:
+        yield
+    finally:
+        _LOW.reset(token)
+
+
+def _call_block(lm: LoadedModel, layer: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Block ``layer`` called on ``args`` and ``kwargs``, in low precision inside :func:`autocast`."""
+    block = lm.model.get_submodule(lm.adapter.block(layer))
+    low = _LOW.get()
+    if low is None or low[0] is not lm.model or layer not in low[2]:
+        return block(*args, **kwargs)
+    with torch.autocast(device_type=lm.device.type, dtype=low[1]):
+        return torch.func.functional_call(block, low[2][layer], args, kwargs, strict=False)

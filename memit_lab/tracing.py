@@ -58,7 +58,7 @@ from .cache import atomic_dir, cache_root, locked, read_manifest, write_manifest
 from .hooks import Trace, TraceDict
 from .models import LoadedModel
 from .prompts import check_prompt, subject_token_span
-from .replay import KeysValues, Recording, readout, record, replay_block
+from .replay import KeysValues, Recording, autocast, precision, readout, record, replay_block
 from .residual import resolve_target
 
 __all__ = [
@@ -490,7 +490,7 @@ def _block_edit(
     rows = (torch.tensor(groups)[:, None] * samples + torch.arange(samples)).flatten()
 
     def edit(out: torch.Tensor, name: str) -> torch.Tensor:
-        out[rows, 0] = value
+        out[rows, 0] = value.to(out.dtype)  # a module's output is in autocast's type under dtype="bfloat16"
         return out
 
     return _module_name(lm, module, b), edit
@@ -596,10 +596,13 @@ def _result(
     positions: Sequence[int] | None,
     batched: bool,
     on_progress: Callable[[float], None],
+    dtype: torch.dtype | None = None,
 ) -> CausalTrace:
     wanted = list(range(setup.n_pos)) if positions is None else list(positions)
     if not all(isinstance(p, int) and 0 <= p < setup.n_pos for p in wanted):
         raise ValueError(f"positions must be token positions 0..{setup.n_pos - 1}, got {positions!r}")
+    with autocast(lm, dtype, range(lm.n_layers)):  # replayed blocks only: clean, corrupted runs and readout stay
+        scores = _grid(lm, setup, kind, window, severed, wanted, batched, on_progress)
     return CausalTrace(
         prompt=prompt,
         subject=subject,
@@ -610,7 +613,7 @@ def _result(
         kind=kind,
         window=window,
         severed=severed,
-        scores=_grid(lm, setup, kind, window, severed, wanted, batched, on_progress),
+        scores=scores,
         clean_prob=_prob(setup.clean.logits, setup.target_id),
         corrupted_prob=_prob(setup.corrupt.logits, setup.target_id),
         noise=setup.scale,
@@ -634,6 +637,7 @@ def trace(
     positions: Sequence[int] | None = None,
     batched: bool = True,
     on_progress: Callable[[float], None] | None = None,
+    dtype: str = "float32",
 ) -> CausalTrace:
     """Causal tracing of one fact: P(target) with each (layer, token) state restored (ROME section 2.1).
 
@@ -656,6 +660,10 @@ def trace(
             forward pass per cell, the reference it agrees with to ~1e-7.
         on_progress: called with the fraction of the grid done (0-1] after each token
             column, e.g. to move a progress bar.
+        dtype: ``"float32"``, or ``"bfloat16"`` / ``"float16"``: the batched grid's replayed blocks under
+            autocast (the clean and corrupted runs, the readout and the probabilities stay float32), where the
+            hardware has them natively (else a logged warning and float32); ``batched=False`` ignores it. Not
+            the reference's arithmetic: scores differ slightly.
 
     Example:
         >>> from memit_lab import load_model
@@ -666,9 +674,10 @@ def trace(
     """
     _check_kind(kind, window, lm.n_layers)
     check_trace_settings(samples, noise, severed, kind)
+    low = precision(lm, dtype)
     setup = _prepare(lm, prompt, subject, target, noise, samples, seed)
     report = on_progress or (lambda fraction: None)
-    return _result(lm, setup, prompt, subject, kind, window, severed, positions, batched, report)
+    return _result(lm, setup, prompt, subject, kind, window, severed, positions, batched, report, low)
 
 
 def trace_all(
@@ -685,9 +694,10 @@ def trace_all(
     positions: Sequence[int] | None = None,
     batched: bool = True,
     on_progress: Callable[[float], None] | None = None,
+    dtype: str = "float32",
 ) -> dict[str, CausalTrace]:
     """:func:`trace` for several kinds at once, sharing the clean and corrupted runs (same noise in all).
-    ``on_progress`` gets the fraction of all the kinds' grids done.
+    ``on_progress`` gets the fraction of all the kinds' grids done; ``dtype`` as for :func:`trace`.
 
     Example:
         >>> from memit_lab import load_model
@@ -699,6 +709,7 @@ def trace_all(
     for kind in kinds:
         _check_kind(kind, window, lm.n_layers)
         check_trace_settings(samples, noise, None, kind)
+    low = precision(lm, dtype)
     setup = _prepare(lm, prompt, subject, target, noise, samples, seed)
     report = on_progress or (lambda fraction: None)
 
@@ -706,7 +717,7 @@ def trace_all(
         return lambda fraction: report((k + fraction) / len(kinds))
 
     return {
-        kind: _result(lm, setup, prompt, subject, kind, window, None, positions, batched, part(k))
+        kind: _result(lm, setup, prompt, subject, kind, window, None, positions, batched, part(k), low)
         for k, kind in enumerate(kinds)
     }
 

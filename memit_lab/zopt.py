@@ -29,7 +29,14 @@ How it is made fast (none of it changes the optimum):
   per-request losses, so each delta_i gets exactly its own gradient, Adam (elementwise)
   treats it as if it were alone, and a request that has converged is frozen and leaves
   the batch -- the same optimum as one request at a time (``batched=False``), which the
-  tests check.
+  tests check;
+* each group's index tensors (rows, target positions and tokens, weights) are built once
+  per set of active requests, not at every step; a group whose rows are all active is
+  replayed without gathering rows; the prefix keeps only the layers above L; the last pass,
+  which only measures, runs without autograd (z bit for bit as without these, tested).
+
+Two switches of :class:`ZParams`, off by default, depart from the reference: plateau
+stopping (``stop="plateau"``) and blocks in bfloat16 (``dtype="bfloat16"``).
 
 Example:
     >>> from memit_lab import load_model
@@ -64,7 +71,7 @@ from .cache import atomic_dir, cache_root, locked, read_manifest, write_manifest
 from .hooks import Trace
 from .models import LoadedModel
 from .prompts import continuation, last_token_of_chars, padded_batch, padding_side, target_positions
-from .replay import KeysValues, Recording, readout, record, replay, unembed
+from .replay import PRECISIONS, KeysValues, Recording, autocast, precision, readout, record, replay, unembed
 from .requests import EditRequest, check_requests
 
 __all__ = [
@@ -105,6 +112,17 @@ class ZParams:
         chunk: requests per forward/backward pass. Larger is a little faster per request and costs about
             100 MB per request on the bundled model (z of 32 requests at L = 4, separate runs: chunk 16 89.5 s,
             24 86.8 s with a 3.3 GB peak, 32 83.0 s with 4.1 GB, over the 4 GB that MEMIT aims to stay under).
+        stop: ``"loss"`` (the reference): a request stops when its loss falls below ``stop_loss``.
+            ``"plateau"`` (not in the reference, off by default) stops it also when its NLL part falls below
+            ``plateau_nll``, or when its loss fell by less than ``plateau_rel`` (relative) over the last
+            ``plateau_window`` passes: requests whose KL term alone keeps them above ``stop_loss``, delta at
+            the clamp, no longer run to ``steps``.
+        plateau_nll, plateau_window, plateau_rel: the thresholds of ``stop="plateau"``.
+        dtype: ``"float32"`` (default), or ``"bfloat16"`` / ``"float16"``: the replayed blocks L+1..end
+            under autocast, with copies of their matrices in that type (delta, the final norm and readout,
+            the log-softmax, the KL term and Adam's state stay float32). Where the hardware has no native
+            products of that type (CPUs without AVX512-BF16 or AMX), a logged warning and float32. Not the
+            reference's arithmetic: z differs slightly.
     """
 
     steps: int = 25
@@ -118,9 +136,14 @@ class ZParams:
     context_seed: int = 0
     kl_template: str = "{} is a"
     chunk: int = 16
+    stop: str = "loss"
+    plateau_nll: float = 0.05
+    plateau_window: int = 3
+    plateau_rel: float = 0.02
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        for name in ("steps", "chunk", "context_tokens"):
+        for name in ("steps", "chunk", "context_tokens", "plateau_window"):
             _check_count(name, getattr(self, name), 1)
         _check_count("n_contexts", self.n_contexts, 0)
         _check_number("lr", self.lr, "Adam's step size; the paper's code uses 0.5", positive=True)
@@ -128,6 +151,12 @@ class ZParams:
         _check_number("weight_decay", self.weight_decay, "0 switches the decay term off", positive=False)
         _check_number("kl_weight", self.kl_weight, "0 switches the KL term off", positive=False)
         _check_number("stop_loss", self.stop_loss, "0 never stops early", positive=False)
+        _check_number("plateau_nll", self.plateau_nll, "a request with NLL below it stops", positive=False)
+        _check_number("plateau_rel", self.plateau_rel, "relative loss improvement that counts", positive=False)
+        if self.stop not in ("loss", "plateau"):
+            raise ValueError(f"ZParams.stop must be 'loss' (the reference) or 'plateau', got {self.stop!r}")
+        if self.dtype not in PRECISIONS:
+            raise ValueError(f"ZParams.dtype must be one of {sorted(PRECISIONS)}, got {self.dtype!r}")
         if not isinstance(self.kl_template, str) or self.kl_template.count("{}") != 1:
             raise ValueError(f"kl_template must contain one '{{}}' for the subject, got {self.kl_template!r}")
 
@@ -267,7 +296,7 @@ class _Group:
     is_kl: torch.Tensor  # [rows] bool
     h_suffix: torch.Tensor  # [rows, suffix, d_model], output of block L
     suffix: Recording  # the suffix pass, blocks L+1..end recorded (to replay with delta added)
-    prefix: KeysValues | None  # keys and values of the tokens before the last subject token
+    prefix: KeysValues | None  # keys and values of the tokens before the last subject token, layers above L
     predict_at: list[tuple[int, ...]]  # suffix positions, per row
     target_ids: list[tuple[int, ...]]
     final: torch.Tensor  # [rows, d_model] the unedited model's last hidden state at suffix position 0
@@ -318,6 +347,7 @@ def _prepare_group(
             blocks=range(layer + 1, lm.n_layers),
         )  # fmt: skip
     assert trace.output is not None and suffix.final is not None
+    prefix = None if prefix is None else prefix.above(layer)  # the Adam steps replay only blocks L+1..
     return _Group(
         owner=torch.tensor(owner, device=lm.device),
         is_kl=torch.tensor(is_kl, device=lm.device),
@@ -381,53 +411,117 @@ def _prepare(
     return _Chunk(groups=groups, n_prompts=len(contexts), kl_init=unembed(lm, final).log_softmax(-1), h0=h0)
 
 
+@dataclass
+class _Plan:
+    """What a step needs of one group for the requests still optimised: index tensors built once per active set.
+
+    ``rows`` is ``None`` when every row of the group takes part (nothing to gather).
+    """
+
+    rows: torch.Tensor | None  # [rows] rows of the group taking part
+    slot: torch.Tensor  # [rows] each row's request, as an index into the active requests
+    where_row: torch.Tensor  # [targets] row (among those taking part) and suffix position of each target token
+    where_pos: torch.Tensor  # [targets]
+    targets: torch.Tensor  # [targets, 1] the target token ids
+    weights: torch.Tensor  # [targets] 1 / (target tokens of its prompt)
+    owners: torch.Tensor  # [targets] the target token's request, as an index into the active requests
+    kl_rows: torch.Tensor  # [kl rows] rows (among those taking part) of KL prompts
+    kl_slot: torch.Tensor  # [kl rows] their requests
+    kl_init: torch.Tensor  # [kl rows, vocab] the unedited model's log-probs there
+
+
+def _plan(group: _Group, chunk: _Chunk, active: torch.Tensor) -> _Plan | None:
+    """The plan of ``group`` for the ``active`` requests (ascending); ``None`` when none of its rows is active."""
+    rows = torch.isin(group.owner, active).nonzero()[:, 0]
+    if not rows.numel():
+        return None
+    slot = torch.searchsorted(active, group.owner[rows])
+    where_row, where_pos, targets, weights, owners, kl_rows = [], [], [], [], [], []
+    for j, (row, o) in enumerate(zip(rows.tolist(), slot.tolist(), strict=True)):
+        if group.is_kl[row]:
+            kl_rows.append(j)
+            continue
+        pos = group.predict_at[row]
+        where_row += [j] * len(pos)
+        where_pos += list(pos)
+        targets += list(group.target_ids[row])
+        weights += [1.0 / len(pos)] * len(pos)
+        owners += [o] * len(pos)
+    device = group.owner.device
+
+    def index(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=device)
+
+    kl_slot = slot[index(kl_rows)]
+    return _Plan(
+        rows=None if rows.numel() == group.owner.numel() else rows,
+        slot=slot,
+        where_row=index(where_row),
+        where_pos=index(where_pos),
+        targets=index(targets)[:, None],
+        weights=torch.tensor(weights, device=device),
+        owners=index(owners),
+        kl_rows=index(kl_rows),
+        kl_slot=kl_slot,
+        kl_init=chunk.kl_init[active[kl_slot]],
+    )
+
+
 def _replay(
-    lm: LoadedModel, group: _Group, layer: int, rows: torch.Tensor, delta: torch.Tensor
+    lm: LoadedModel, group: _Group, layer: int, rows: torch.Tensor | None, delta: torch.Tensor
 ) -> Float[torch.Tensor, "rows suffix d_model"]:
-    """Blocks L+1..end on the suffixes of ``rows``, with ``delta[row]`` added at suffix position 0."""
-    h = group.h_suffix.index_select(0, rows)
+    """Blocks L+1..end on the suffixes of ``rows`` (``None``: all), with ``delta[row]`` added at suffix position 0."""
+    h = group.h_suffix if rows is None else group.h_suffix.index_select(0, rows)
     h = torch.cat([(h[:, :1].float() + delta[:, None]).to(h.dtype), h[:, 1:]], dim=1)
     return replay(lm, group.suffix, layer + 1, h, prefix=group.prefix, rows=rows)
 
 
 def _losses(
-    lm: LoadedModel, chunk: _Chunk, layer: int, delta: torch.Tensor, active: torch.Tensor, params: ZParams
+    lm: LoadedModel,
+    chunk: _Chunk,
+    layer: int,
+    delta: torch.Tensor,
+    active: torch.Tensor,
+    params: ZParams,
+    plans: Sequence[_Plan | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per active request (``active`` ascending, ``delta[i]`` belongs to ``active[i]``): NLL of the new object
-    (mean over prompts of the per-token mean), the weighted KL term, the weighted decay term."""
+    (mean over prompts of the per-token mean), the weighted KL term, the weighted decay term.
+
+    ``plans``: per group, :func:`_plan` for ``active`` (built here when not given)."""
+    if plans is None:
+        plans = [_plan(group, chunk, active) for group in chunk.groups]
     n = active.shape[0]
     nll = torch.zeros(n, device=delta.device)
     kl = torch.zeros(n, device=delta.device)
-    for group in chunk.groups:
-        rows = torch.isin(group.owner, active).nonzero()[:, 0]
-        if not rows.numel():
+    for group, plan in zip(chunk.groups, plans, strict=True):
+        if plan is None:
             continue
-        slot = torch.searchsorted(active, group.owner[rows])
-        h = _replay(lm, group, layer, rows, delta[slot])
-        where_row, where_pos, targets, weights, owners, kl_rows = [], [], [], [], [], []
-        for j, (row, o) in enumerate(zip(rows.tolist(), slot.tolist(), strict=True)):
-            if group.is_kl[row]:
-                kl_rows.append(j)
-                continue
-            pos = group.predict_at[row]
-            where_row += [j] * len(pos)
-            where_pos += list(pos)
-            targets += list(group.target_ids[row])
-            weights += [1.0 / len(pos)] * len(pos)
-            owners += [o] * len(pos)
-        if targets:
-            logp = readout(lm, h[torch.tensor(where_row), torch.tensor(where_pos)]).log_softmax(-1)
-            token_nll = -logp.gather(1, torch.tensor(targets, device=h.device)[:, None])[:, 0]
-            weighted = token_nll * torch.tensor(weights, device=h.device)
-            nll = nll.index_add(0, torch.tensor(owners, device=h.device), weighted)
-        if kl_rows:
-            kl_slot = slot[kl_rows]
-            kl_h = readout(lm, h[torch.tensor(kl_rows), 0]).log_softmax(-1)
-            init = chunk.kl_init[active[kl_slot]]
-            kl = kl.index_add(0, kl_slot, (kl_h.exp() * (kl_h - init)).sum(-1))
+        h = _replay(lm, group, layer, plan.rows, delta[plan.slot])
+        if plan.targets.numel():
+            logp = readout(lm, h[plan.where_row, plan.where_pos]).log_softmax(-1)
+            token_nll = -logp.gather(1, plan.targets)[:, 0]
+            nll = nll.index_add(0, plan.owners, token_nll * plan.weights)
+        if plan.kl_rows.numel():
+            kl_h = readout(lm, h[plan.kl_rows, 0]).log_softmax(-1)
+            kl = kl.index_add(0, plan.kl_slot, (kl_h.exp() * (kl_h - plan.kl_init)).sum(-1))
     nll = nll / chunk.n_prompts
     wd = delta.norm(dim=-1) / chunk.h0[active].norm(dim=-1) ** 2
     return nll, params.kl_weight * kl, params.weight_decay * wd
+
+
+def _going(params: ZParams, loss: torch.Tensor, nll: torch.Tensor, curves: Sequence[Sequence[float]]) -> torch.Tensor:
+    """Which requests take another step: loss still >= stop_loss (the reference), and with ``stop="plateau"``
+    also NLL >= plateau_nll and the loss still improving by plateau_rel over plateau_window passes.
+
+    ``curves``: the active requests' loss curves, the current pass included.
+    """
+    going = loss >= params.stop_loss
+    if params.stop == "plateau":
+        w = params.plateau_window
+        flat = [len(c) > w and c[-1 - w] - c[-1] < params.plateau_rel * c[-1 - w] for c in curves]
+        going &= (nll >= params.plateau_nll) & ~torch.tensor(flat, dtype=torch.bool, device=loss.device)
+    return going
 
 
 def _optimise_chunk(
@@ -441,15 +535,18 @@ def _optimise_chunk(
     parts: list[tuple[float, float, float]] = [(0.0, 0.0, 0.0)] * n
     max_norm = params.clamp * chunk.h0.norm(dim=-1)
     active = torch.arange(n, device=lm.device)
+    plans = [_plan(group, chunk, active) for group in chunk.groups]
     for step in range(params.steps):
+        last = step == params.steps - 1
         delta = torch.stack([deltas[int(i)] for i in active.tolist()])
-        nll, kl, wd = _losses(lm, chunk, layer, delta, active, params)
+        with torch.set_grad_enabled(not last):  # the last pass only measures
+            nll, kl, wd = _losses(lm, chunk, layer, delta, active, params, plans)
         loss = nll + kl + wd
         for o, i in enumerate(active.tolist()):
             curves[i].append(float(loss[o].detach()))
             parts[i] = (float(nll[o].detach()), float(kl[o].detach()), float(wd[o].detach()))
-        going = loss.detach() >= params.stop_loss
-        if step == params.steps - 1 or not going.any():
+        going = _going(params, loss.detach(), nll.detach(), [curves[i] for i in active.tolist()])
+        if last or not going.any():
             break
         opt.zero_grad(set_to_none=True)
         loss[going].sum().backward()
@@ -462,7 +559,9 @@ def _optimise_chunk(
                 norm = deltas[i].norm()
                 if norm > max_norm[i]:
                     deltas[i].mul_(max_norm[i] / norm)
-        active = active[going]
+        if not going.all():
+            active = active[going]
+            plans = [_plan(group, chunk, active) for group in chunk.groups]
     return chunk.h0, torch.stack([d.detach() for d in deltas]), curves, parts
 
 
@@ -602,11 +701,12 @@ def optimise_z(
     z = torch.zeros_like(h)
     curves: list[tuple[float, ...]] = [()] * len(requests)
     parts: list[tuple[float, float, float]] = [(0.0, 0.0, 0.0)] * len(requests)
-    for lo in tqdm(range(0, len(order), size), desc="z (eq. 16)", disable=not progress):
-        idx = order[lo : lo + size]
-        h0, delta, c, p = _optimise_chunk(lm, [requests[i] for i in idx], layer, contexts, params)
-        h[idx], z[idx] = h0, h0 + delta
-        for j, i in enumerate(idx):
-            curves[i], parts[i] = tuple(c[j]), p[j]
+    with autocast(lm, precision(lm, params.dtype), range(layer + 1, lm.n_layers)):
+        for lo in tqdm(range(0, len(order), size), desc="z (eq. 16)", disable=not progress):
+            idx = order[lo : lo + size]
+            h0, delta, c, p = _optimise_chunk(lm, [requests[i] for i in idx], layer, contexts, params)
+            h[idx], z[idx] = h0, h0 + delta
+            for j, i in enumerate(idx):
+                curves[i], parts[i] = tuple(c[j]), p[j]
     log.info("z optimised for %d requests at layer %d", len(requests), layer)
     return ZResult(h, z, tuple(curves), tuple(parts), layer, contexts)

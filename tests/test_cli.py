@@ -3,6 +3,7 @@
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 
 from memit_lab.cli import main
@@ -120,3 +121,30 @@ def test_edit_refuses_conflicting_requests_and_writes_nothing(
     assert main(["edit", "--model", "tiny-gpt2", "--requests", edits, "--save-to", str(out)]) == 2
     assert "conflicting requests" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_eval_edits_together_with_any_registered_name_and_writes_the_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "table.csv"
+    assert main(["eval", "--model", "tiny-gpt2", "--n", "2", "--method", "rome", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "editing them with rome-seq together" in printed and "edit wall time" in printed
+    table = pd.read_csv(out, index_col=0)
+    assert list(table.index) == ["unedited", "rome-seq"] and {"S", "ES", "PS", "NS"} <= set(table.columns)
+    assert main(["eval", "--model", "tiny-gpt2", "--method", "mend"]) == 2  # not a registered method
+
+
+def test_eval_with_batch_size_edits_batch_after_batch_and_prints_the_diagnostics(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "sequential.csv"
+    args = ["eval", "--model", "tiny-gpt2", "--n", "3", "--batch-size", "2", "--method", "alphaedit"]
+    assert main([*args, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "in batches of 2, one after another" in printed and "Collapse diagnostics" in printed
+    table = pd.read_csv(out)
+    assert table.method.tolist() == ["unedited", "alphaedit", "alphaedit"]
+    assert table.edits.tolist() == [0, 2, 3] and table.perplexity.notna().all()
+    assert main([*args[:-2], "--batch-size", "0"]) == 2
+    assert "--n and --batch-size must be at least 1" in capsys.readouterr().err

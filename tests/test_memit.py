@@ -187,6 +187,8 @@ def test_targets_from_elsewhere_are_refused_with_no_weight_changed(tiny_lm: Load
         apply_memit(tiny_lm, REQUESTS, hp, layers=(0,), second_moments=moments, targets=z)
     with pytest.raises(ValueError, match="other requests"):  # same count, other requests
         apply_memit(tiny_lm, REQUESTS[::-1], hp, second_moments=moments, targets=z)
+    with pytest.raises(ValueError, match="contexts differ"):  # keys would be read at other contexts than z's
+        apply_memit(tiny_lm, REQUESTS, hp, second_moments=moments, targets=z, contexts=CONTEXTS[:2])
     assert saved.unchanged()
     with edits_applied(tiny_lm, REQUESTS[:1], hparams=hp, second_moments=moments, contexts=CONTEXTS):
         edited = WeightSnapshot(tiny_lm)

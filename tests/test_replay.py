@@ -6,13 +6,27 @@ fail here, with ReplayContractError naming the version, rather than somewhere in
 Tolerances: the same float32 arithmetic in other batch shapes; measured differences are ~1e-7.
 """
 
+import logging
+
 import pytest
 import torch
 import transformers
 
-from memit_lab import LoadedModel
+import memit_lab.replay as replay_module
+from memit_lab import LoadedModel, load_model
 from memit_lab.hooks import TraceDict
-from memit_lab.replay import Recording, ReplayContractError, _FrozenPrefix, readout, record, replay, replay_block
+from memit_lab.replay import (
+    Recording,
+    ReplayContractError,
+    _FrozenPrefix,
+    autocast,
+    precision,
+    readout,
+    record,
+    replay,
+    replay_block,
+)
+from memit_lab.tracing import trace_all
 
 PROMPTS = [
     "The Eiffel Tower is located in the city of",
@@ -142,3 +156,63 @@ def test_replaying_a_block_that_was_not_recorded_is_refused(tiny_lm: LoadedModel
     assert sorted(recording.calls) == list(range(2, tiny_lm.n_layers))
     with pytest.raises(ValueError, match="block 1 was not recorded"):
         replay_block(tiny_lm, recording, 1, torch.zeros(3, ids.shape[1], tiny_lm.d_model))
+
+
+def test_keys_values_above_a_layer_keep_what_replaying_the_layers_above_reads(tiny_lm: LoadedModel) -> None:
+    ids = _ids(tiny_lm)
+    with torch.no_grad():
+        before = record(tiny_lm, ids[:, :SPLIT])
+        recording, td = _recorded(tiny_lm, ids[:, SPLIT:], prefix=before.kv)
+        hidden = td[tiny_lm.adapter.block(1)].input
+        full = replay(tiny_lm, recording, 1, hidden, prefix=before.kv)
+        trimmed = before.kv.above(0)
+        assert torch.equal(replay(tiny_lm, recording, 1, hidden, prefix=trimmed), full)
+    assert trimmed.keys[0].numel() == trimmed.values[0].numel() == 0
+    assert all(torch.equal(a, b) for a, b in zip(trimmed.keys[1:], before.kv.keys[1:], strict=True))
+
+
+# --- reduced precision ---------------------------------------------------------------------------------------------
+
+
+def test_an_unknown_precision_is_refused_with_the_choices() -> None:
+    with pytest.raises(ValueError, match="precision must be one of \\['bfloat16', 'float16', 'float32'\\]"):
+        precision(load_model("tiny-gpt2"), "float64")
+
+
+def test_precision_falls_back_to_float32_with_a_warning_where_the_hardware_lacks_it(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    lm = load_model("tiny-gpt2")
+    monkeypatch.setattr(replay_module, "_native", lambda device_type, dtype: False)
+    replay_module._warn_emulated.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="memit_lab.replay"):
+        assert precision(lm, "bfloat16") is None
+        assert precision(lm, "bfloat16") is None
+    replay_module._warn_emulated.cache_clear()
+    assert caplog.text.count("cpu has no native bfloat16 matrix products") == 1  # once, not at every step
+
+
+def test_replay_under_bfloat16_autocast_is_close_to_float32(tiny_lm: LoadedModel) -> None:
+    ids = _ids(tiny_lm)
+    with torch.no_grad():
+        recording, td = _recorded(tiny_lm, ids)
+        hidden = td[tiny_lm.adapter.block(1)].input
+        f32 = readout(tiny_lm, replay(tiny_lm, recording, 1, hidden)).log_softmax(-1)
+        with autocast(tiny_lm, torch.bfloat16, range(1, tiny_lm.n_layers)):
+            bf16 = readout(tiny_lm, replay(tiny_lm, recording, 1, hidden)).log_softmax(-1)
+        # autocast's own casts, without the copies of the weights: the same numbers
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+            plain = replay(tiny_lm, recording, 1, hidden)
+        assert torch.equal(readout(tiny_lm, plain).log_softmax(-1), bf16)
+    assert bf16.dtype == torch.float32
+    torch.testing.assert_close(bf16, f32, rtol=0.0, atol=0.05)
+
+
+def test_a_causal_trace_under_bfloat16_is_close_to_float32(tiny_lm: LoadedModel) -> None:
+    # Tracing's dtype switch: the restored runs under autocast; every grid within 1e-2 of float32 (in probability).
+    kw = {"window": 2, "samples": 3}
+    f32 = trace_all(tiny_lm, "The capital of France is", "France", **kw)  # type: ignore[arg-type]
+    bf16 = trace_all(tiny_lm, "The capital of France is", "France", dtype="bfloat16", **kw)  # type: ignore[arg-type]
+    for kind, t in f32.items():
+        assert float((bf16[kind].scores - t.scores).abs().max()) < 1e-2, kind
+        assert bf16[kind].corrupted_prob == t.corrupted_prob  # the clean and corrupted runs stay float32
