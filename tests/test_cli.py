@@ -132,7 +132,9 @@ def test_eval_edits_together_with_any_registered_name_and_writes_the_table(
     assert "editing them with rome-seq together" in printed and "edit wall time" in printed
     table = pd.read_csv(out, index_col=0)
     assert list(table.index) == ["unedited", "rome-seq"] and {"S", "ES", "PS", "NS"} <= set(table.columns)
-    assert main(["eval", "--model", "tiny-gpt2", "--method", "mend"]) == 2  # not a registered method
+    with pytest.raises(SystemExit):  # not a registered method: argparse lists the registry's choices
+        main(["eval", "--model", "tiny-gpt2", "--method", "mend"])
+    assert "choose from 'memit', 'rome-seq', 'ft', 'alphaedit', 'rome'" in capsys.readouterr().err
 
 
 def test_eval_with_batch_size_edits_batch_after_batch_and_prints_the_diagnostics(
