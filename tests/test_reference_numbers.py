@@ -20,9 +20,9 @@ difference itself, as documented in the module concerned:
 
 Tolerances: the reference ran in float32 with transformers 4.23.1, memit_lab here runs float32 with
 its own transformers, on the same weights and inputs (bit for bit the same noise, statistics and
-templates), so forward passes differ by float32 rounding (~1e-7 relative). The bounds below are about
-100 x the largest difference measured when the fixture was made (given beside each), loose enough
-for other BLAS builds, tight enough that a wrong scale, token, average or sign fails by orders of magnitude.
+templates), so forward passes differ by float32 rounding (~2e-7 relative). Each bound is about 5-50 x
+the largest difference measured when the fixture was made (given beside it): loose enough for other BLAS
+builds, tight enough that a wrong scale, token, average or sign fails by orders of magnitude.
 """
 
 from __future__ import annotations
@@ -83,13 +83,20 @@ def lm() -> LoadedModel:
 @pytest.mark.parametrize("kind", ["hidden", "mlp", "attn"])
 def test_trace_grid_matches_rome_calculate_hidden_flow(lm: LoadedModel, kind: str, batched: bool) -> None:
     """Every (layer, token) cell of ROME's grid, with the same noise draws (memit_lab's, handed to ROME's
-    ``trace_with_patch`` as its noise function) at the same scale. Measured max |diff| 0 (bit for bit)
-    to ~1e-9; bound 1e-6 x the largest probability."""
+    ``trace_with_patch`` as its noise function) at the same scale. Measured max |diff| 2.2e-7 x the largest
+    probability (float32 rounding); bound 1e-6."""
     ref = REF["trace"]["grids"][kind]
     got = trace(
-        lm, TRACE["prompt"], TRACE["subject"], kind=kind, window=TRACE["window"], noise=REF["trace"]["noise"],
-        samples=TRACE["samples"], seed=TRACE["seed"], batched=batched,
-    )  # fmt: skip
+        lm,
+        TRACE["prompt"],
+        TRACE["subject"],
+        kind=kind,
+        window=TRACE["window"],
+        noise=REF["trace"]["noise"],
+        samples=TRACE["samples"],
+        seed=TRACE["seed"],
+        batched=batched,
+    )
     assert list(got.tokens) == ref["tokens"]
     assert list(got.subject_span) == ref["subject_range"]
     assert got.target_id == REF["trace"]["answer_id"]
@@ -102,9 +109,14 @@ def test_restored_prob_matches_rome_trace_with_patch(lm: LoadedModel) -> None:
     """Several states of different kinds restored at once (ROME's ``states_to_patch``)."""
     restore = [(kind, layer, pos) for kind, layer, pos in TRACE["restore"]]
     got = restored_prob(
-        lm, TRACE["prompt"], TRACE["subject"], restore, noise=REF["trace"]["noise"], samples=TRACE["samples"],
+        lm,
+        TRACE["prompt"],
+        TRACE["subject"],
+        restore,
+        noise=REF["trace"]["noise"],
+        samples=TRACE["samples"],
         seed=TRACE["seed"],
-    )  # fmt: skip
+    )
     assert got == pytest.approx(REF["trace"]["restored_prob"], rel=1e-6)
 
 
@@ -125,7 +137,7 @@ def test_noise_scale_rome_definition(lm: LoadedModel) -> None:
     assert TRACE["noise_factor"] * REF["trace"]["rome_embedding_std_known_subjects"] == pytest.approx(rome_scale)
     default = embedding_noise(lm, use_cache=False)
     old = REF["trace"]["memit_lab_embedding_noise_at_production"]
-    assert default == pytest.approx(rome_scale, rel=1e-6) or default == pytest.approx(old, rel=1e-9), (
+    assert default == pytest.approx(rome_scale, rel=1e-6) or default == pytest.approx(old, rel=1e-7), (
         f"embedding_noise {default} is neither ROME's definition ({rome_scale}) nor 3 x weight std ({old})"
     )
 
@@ -136,16 +148,22 @@ def test_noise_scale_rome_definition(lm: LoadedModel) -> None:
 def _zparams() -> ZParams:
     z = SETTINGS["z"]
     return ZParams(
-        steps=z["steps"], lr=z["lr"], weight_decay=z["weight_decay"], kl_weight=z["kl_weight"], clamp=z["clamp"],
+        steps=z["steps"],
+        lr=z["lr"],
+        weight_decay=z["weight_decay"],
+        kl_weight=z["kl_weight"],
+        clamp=z["clamp"],
         stop_loss=z["stop_loss"],
-    )  # fmt: skip
+    )
 
 
 @pytest.mark.parametrize("batched", [True, False])
 def test_z_matches_memit_compute_z(lm: LoadedModel, batched: bool) -> None:
     """h, the loss at every pass (its NLL, KL and decay parts at the last) and z, two requests (one with a
-    two-token target), the fixture's three context templates. Measured max |diff|: losses ~1e-7
-    relative, z ~1e-7 x ||z||; bounds 1e-5 and 1e-5."""
+    five-token target), the fixture's three context templates. With the paper's decay on a random tiny
+    model the clamp binds and the loss goes up and down, so Adam (which divides by the gradients' size)
+    carries float32 rounding into z: measured max |diff| h 1.1e-7, losses 2.4e-7, z 5.4e-5 (x the largest
+    entry); bounds 1e-6, 1e-5, 5e-4."""
     res = optimise_z(lm, REQUESTS, SETTINGS["z"]["layer"], _zparams(), contexts=CONTEXTS, batched=batched)
     ref = REF["zopt"]
     assert_near(res.h, _t(ref["h"]), 1e-6, "h at L")
@@ -153,13 +171,13 @@ def test_z_matches_memit_compute_z(lm: LoadedModel, batched: bool) -> None:
         assert len(res.losses[i]) == len(curve), f"request {i}: {len(res.losses[i])} passes vs {len(curve)}"
         assert_near(_t(res.losses[i]), _t([c[0] for c in curve]), 1e-5, f"request {i} loss curve")
         assert_near(_t(res.final_parts[i]), _t(curve[-1][1:]), 1e-5, f"request {i} final NLL / KL / decay")
-    assert_near(res.z, _t(ref["z"]), 1e-5, "z")
+    assert_near(res.z, _t(ref["z"]), 5e-4, "z")
 
 
 @pytest.mark.parametrize("layer", [0, 1, 2])
 def test_keys_match_memit_compute_ks(lm: LoadedModel, layer: int) -> None:
     """k (eq. 19) per request: 1/2 bare-prompt key + 1/2 mean over the other templates, as compute_ks
-    averages its two template groups. Measured max |diff| ~1e-8 relative; bound 1e-6."""
+    averages its two template groups. Measured max |diff| 2.1e-7 x the largest entry; bound 1e-6."""
     got = edit_keys(lm, REQUESTS, layer, CONTEXTS)
     assert_near(got.T, _t(REF["keys"][str(layer)]), 1e-6, f"keys at layer {layer}")
 
@@ -169,8 +187,7 @@ def test_keys_match_memit_compute_ks(lm: LoadedModel, layer: int) -> None:
 
 def test_memit_update_matches_execute_memit(lm: LoadedModel) -> None:
     """Delta of each edit layer (R = 0, 1; lambda and C given to both), reference Delta = adj_k resid^T
-    (its returned factors). Measured max |diff| ~1e-6 x max |Delta|; bound 1e-4 (z's optimisation and
-    a float32 weight update in between)."""
+    (its returned factors). Measured max |diff| 6.8e-5 x max |Delta| (z's, see above); bound 1e-3."""
     hp = MemitHyperParams(layers=tuple(SETTINGS["memit"]["layers"]), lam=SETTINGS["memit"]["lam"], z=_zparams())
     moments = {layer: second_moment(layer, lm.d_mlp) for layer in hp.layers}
     before = {layer: lm.adapter.w_out_weight(lm.model, layer).detach().double().clone() for layer in hp.layers}
@@ -179,7 +196,7 @@ def test_memit_update_matches_execute_memit(lm: LoadedModel) -> None:
         got = lm.adapter.w_out_weight(lm.model, layer).detach().double() - before[layer]
         ref = REF["memit"][str(layer)]
         expected = (_t(ref["adj_k"]) @ _t(ref["resid"]).T).T  # [d_model, d_mlp]
-        assert_near(got, expected, 1e-4, f"MEMIT Delta at layer {layer}")
+        assert_near(got, expected, 1e-3, f"MEMIT Delta at layer {layer}")
     result.restore()
 
 
@@ -205,9 +222,13 @@ def _rome_in_memit_lab_terms(lm: LoadedModel) -> RomeHyperParams:
     assert m == pytest.approx(REF["rome"]["m_norm"], rel=1e-6)
     assert h == pytest.approx(REF["rome"]["h_norm"], rel=1e-6)
     z = ZParams(
-        steps=rome["steps"], lr=rome["lr"], weight_decay=rome["weight_decay"] * h**2 / m**2,
-        kl_weight=rome["kl_weight"], clamp=rome["clamp_of_m"] * m / h, stop_loss=0.05,
-    )  # fmt: skip
+        steps=rome["steps"],
+        lr=rome["lr"],
+        weight_decay=rome["weight_decay"] * h**2 / m**2,
+        kl_weight=rome["kl_weight"],
+        clamp=rome["clamp_of_m"] * m / h,
+        stop_loss=0.05,
+    )
     return RomeHyperParams(layer=rome["layer"], z=z)
 
 
@@ -230,13 +251,13 @@ def _apply(lm: LoadedModel, hp: RomeHyperParams, contexts: tuple[str, ...]) -> t
 def test_rome_update_matches_execute_rome_on_the_bare_template(lm: LoadedModel) -> None:
     """Context templates ``["{}"]`` only: the averaged key is the bare key, where memit_lab's consistent key
     and the reference's mix agree. delta's loss curve, delta and Delta must match. Measured max |diff|
-    ~1e-6 relative (the reference inverts C in float32); bound 1e-4."""
+    (x the largest entry): losses 3.1e-7, delta 8.4e-6, Delta 8.4e-6; bounds 1e-5, 2e-4, 1e-3."""
     run = REF["rome"]["runs"]["bare"]
     expected, ref_delta, _ = _rome_reference(run)
     got, result = _apply(lm, _rome_in_memit_lab_terms(lm), ("{}",))
     assert_near(_t(result.z[0].losses[0]), _t([c[0] for c in run["losses"]]), 1e-5, "ROME loss curve")
-    assert_near(result.z[0].delta[0], ref_delta, 1e-5, "ROME delta")
-    assert_near(got, expected, 1e-4, "ROME Delta")
+    assert_near(result.z[0].delta[0], ref_delta, 2e-4, "ROME delta")
+    assert_near(got, expected, 1e-3, "ROME Delta")
 
 
 def test_rome_with_contexts_differs_only_by_the_documented_key(lm: LoadedModel) -> None:
@@ -244,18 +265,19 @@ def test_rome_with_contexts_differs_only_by_the_documented_key(lm: LoadedModel) 
     not: the reference puts the plain mean k_avg of the templates' keys in u = C^-1 k_avg / ||.|| and the
     bare key in the divisor, v = delta / (k_bare . u), so its Delta k_bare = delta while Delta k_avg is not;
     memit_lab uses k = 1/2 k_bare + 1/2 mean(others) in both, so its Delta k = delta (:mod:`memit_lab.rome`).
-    The reference's Delta is rebuilt from memit_lab's delta and the reference's keys, to the bound above."""
+    The reference's Delta is rebuilt from memit_lab's delta and the reference's keys. Measured max |diff|:
+    delta 1.9e-5, u 5.1e-7, rebuilt Delta 1.9e-5, key 1.6e-7; bounds 2e-4, 1e-4, 1e-3, 1e-6."""
     run = REF["rome"]["runs"]["contexts"]
     expected, ref_delta, keys = _rome_reference(run)
     hp = _rome_in_memit_lab_terms(lm)
     got, result = _apply(lm, hp, CONTEXTS)
     delta = result.z[0].delta[0].double()
     assert_near(_t(result.z[0].losses[0]), _t([c[0] for c in run["losses"]]), 1e-5, "ROME loss curve")
-    assert_near(delta, ref_delta, 1e-5, "ROME delta")
+    assert_near(delta, ref_delta, 2e-4, "ROME delta")
     c_inv_k = torch.linalg.solve(second_moment(hp.layer, lm.d_mlp), keys.mean(0))
     assert_near(_t(run["left_u"]), c_inv_k / c_inv_k.norm(), 1e-4, "reference u = C^-1 k_avg / ||C^-1 k_avg||")
     rebuilt = torch.outer(delta, c_inv_k) / float(keys[0] @ c_inv_k)
-    assert_near(rebuilt, expected, 1e-4, "reference Delta rebuilt from memit_lab's delta")
+    assert_near(rebuilt, expected, 1e-3, "reference Delta rebuilt from memit_lab's delta")
     # memit_lab's key is compute_ks' average, and its Delta writes delta there exactly.
     key = edit_keys(lm, REQUESTS[:1], hp.layer, CONTEXTS)[:, 0].double()
     assert_near(key, 0.5 * keys[0] + 0.5 * keys[1:].mean(0), 1e-6, "memit_lab's ROME key")
