@@ -48,6 +48,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
@@ -61,9 +62,9 @@ from jaxtyping import Float
 from safetensors.torch import load_file, save_file
 
 from .cache import atomic_dir, cache_root, locked, read_manifest, write_manifest
-from .editing import NonFiniteUpdateError, WeightBackup, layer_second_moments, solve_device
+from .editing import NonFiniteUpdateError, layer_second_moments, solve_device
 from .hparams import AlphaEditHyperParams
-from .memit import LayerLog, MemitResult, check_preserved, check_targets, write_layers
+from .memit import LayerLog, MemitResult, check_preserved, check_targets, edit_layers
 from .models import LoadedModel
 from .requests import EditRequest, check_requests
 from .zopt import ZResult, context_templates, optimise_z
@@ -322,20 +323,8 @@ def apply_alphaedit(
         kept = None if preserved_keys is None else preserved_keys[layer].to(device)
         return null_space_update(share, keys, projectors[layer].to(device), hp.alpha, kept)
 
-    backup = WeightBackup.of(lm, hp.layers)
-    try:
-        final = write_layers(lm, requests, hp, zres, zres.contexts, projected, backup, log, progress)
-    except BaseException:
-        backup.restore()
-        raise
-    wanted = (zres.z - zres.h).norm(dim=-1)
+    result = edit_layers(lm, requests, hp, zres, zres.contexts, projected, log, progress)
     return AlphaEditResult(
-        backup=backup,
-        seconds=log.seconds,
-        layers=hp.layers,
-        z=zres,
-        delta_norms=tuple(log.norms),
-        residual_before=tuple(log.residuals),
-        residual_after=float((final.norm(dim=-1) / wanted).mean()),
+        **{f.name: getattr(result, f.name) for f in dataclasses.fields(result)},
         null_dims=tuple(round(float(projectors[layer].trace())) for layer in hp.layers),
     )

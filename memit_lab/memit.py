@@ -74,6 +74,7 @@ __all__ = [
     "apply_memit",
     "check_preserved",
     "check_targets",
+    "edit_layers",
     "write_layers",
 ]
 
@@ -233,6 +234,35 @@ def write_layers(
     return zres.z - hidden_at_subject(lm, requests, top, batch=hp.key_batch)
 
 
+def edit_layers(
+    lm: LoadedModel,
+    requests: Sequence[EditRequest],
+    hp: MemitHyperParams | AlphaEditHyperParams,
+    zres: ZResult,
+    contexts: Sequence[str],
+    solve: LayerSolve,
+    log: LayerLog,
+    progress: bool,
+) -> MemitResult:
+    """:func:`write_layers` with a backup of R's W_out taken first and put back on any error; its diagnostics."""
+    backup = WeightBackup.of(lm, hp.layers)
+    try:
+        final = write_layers(lm, requests, hp, zres, contexts, solve, backup, log, progress)
+    except BaseException:
+        backup.restore()
+        raise
+    wanted = (zres.z - zres.h).norm(dim=-1)
+    return MemitResult(
+        backup=backup,
+        seconds=log.seconds,
+        layers=hp.layers,
+        z=zres,
+        delta_norms=tuple(log.norms),
+        residual_before=tuple(log.residuals),
+        residual_after=float((final.norm(dim=-1) / wanted).mean()),
+    )
+
+
 def apply_memit(
     lm: LoadedModel,
     requests: Sequence[EditRequest],
@@ -296,19 +326,4 @@ def apply_memit(
             c0 = c0 + preserved_keys[layer].to(c0)
         return insertion_update(share, keys, c0)
 
-    backup = WeightBackup.of(lm, hp.layers)
-    try:
-        final = write_layers(lm, requests, hp, zres, contexts, eq14, backup, log, progress)
-    except BaseException:
-        backup.restore()
-        raise
-    wanted = (zres.z - zres.h).norm(dim=-1)
-    return MemitResult(
-        backup=backup,
-        seconds=log.seconds,
-        layers=hp.layers,
-        z=zres,
-        delta_norms=tuple(log.norms),
-        residual_before=tuple(log.residuals),
-        residual_after=float((final.norm(dim=-1) / wanted).mean()),
-    )
+    return edit_layers(lm, requests, hp, zres, contexts, eq14, log, progress)
