@@ -26,9 +26,12 @@ memit_lab's fact set, edited and unedited. Goals: ES >= 95, PS >= 80, NS within 
 Part 4 (with --compare-layers): edit quality of the same --compare-n edits written into each given layer range
 R (e.g. ``3-7 0-4``: the measured default against causal tracing's recommendation), other settings the defaults.
 
+Part 5 (with --quality-variants): ES / PS / NS of the same --quality-n (200) fact-set edits with today's
+float32 z and each variant; a variant may become the default only within 2 points on each.
+
 Usage: .venv/bin/python bench/memit.py [--n-z 32] [--n-edits 100 1000] [--quality-at 100] [--skip-reference]
        [--skip-baseline] [--variants plateau bf16 plateau+bf16]
-       [--compare-layers 3-7 0-4 --compare-n 100]
+       [--compare-layers 3-7 0-4 --compare-n 100] [--quality-variants plateau+bf16 --quality-n 200]
 """
 
 from __future__ import annotations
@@ -279,6 +282,34 @@ def compare_layers(ranges: Sequence[str], n: int) -> None:
         print(f"   R={text:7} {scores_text(scores)}  (residual left at L {result.residual_after:.2f}, {took:.0f} s)")
 
 
+# --- part 5: does a faster z cost edit quality? ------------------------------------------------------------------
+
+
+def compare_variants_quality(variants: Sequence[str], n: int) -> None:
+    """ES / PS / NS of the same ``n`` fact-set edits with today's float32 z and with each variant, same run."""
+    lm = load_model("smollm2-135m")
+    records = load_factset(n=n)
+    requests = [edit_request(r) for r in records]
+    hp = MemitHyperParams.for_model(lm)
+    unedited = counterfact_summary(counterfact_scores(lm, records, progress=False))
+    print(f"   {'unedited':14} {scores_text(unedited)}")
+    rows: dict[str, Any] = {}
+    for name in ["float32", *variants]:
+        z = dataclasses.replace(hp.z, **VARIANTS.get(name, {}))
+        start = time.perf_counter()
+        result = apply_memit(lm, requests, dataclasses.replace(hp, z=z))
+        took = time.perf_counter() - start
+        rows[name] = counterfact_summary(counterfact_scores(lm, records, progress=False))
+        result.restore()
+        gaps = "" if name == "float32" else "  (" + ", ".join(
+            f"{c} {rows[name][c] - rows['float32'][c]:+.1f}" for c in ("ES", "PS", "NS")) + ")"  # fmt: skip
+        print(f"   {name:14} {scores_text(rows[name])}  edit {took:.0f} s ({took / n:.2f} s/edit){gaps}")
+    for name in variants:
+        worst = max(abs(rows[name][c] - rows["float32"][c]) for c in ("ES", "PS", "NS"))
+        print(f"   goal: {name} within 2 points of float32 on ES, PS and NS: worst gap {worst:.1f} "
+              f"-> {'holds' if worst <= 2 else 'does not hold'}")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--n-z", type=int, default=32, help="requests for the z comparison")
@@ -292,6 +323,11 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--compare-layers", nargs="*", default=[], help="layer ranges for part 4, e.g. 3-7 0-4")
     parser.add_argument("--compare-n", type=int, default=100, help="known facts edited in part 4")
+    parser.add_argument(
+        "--quality-variants", nargs="*", default=[], choices=list(VARIANTS),
+        help="part 5: edit quality of these z variants against float32 on the same --quality-n edits",
+    )  # fmt: skip
+    parser.add_argument("--quality-n", type=int, default=200, help="fact-set edits scored in part 5")
     args = parser.parse_args()
     torch.set_num_threads(2)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; times include any other load on the machine")
@@ -308,6 +344,9 @@ def main() -> None:
     if args.compare_layers:
         print(f"\n== part 4: edit quality by layer range R, {args.compare_n} known facts (CounterFact %)")
         compare_layers(args.compare_layers, args.compare_n)
+    if args.quality_variants:
+        print(f"\n== part 5: edit quality of z variants, the same {args.quality_n} fact-set edits (CounterFact %)")
+        compare_variants_quality(args.quality_variants, args.quality_n)
 
 
 if __name__ == "__main__":
