@@ -41,7 +41,11 @@ lint: $(STAMP)
 pytest: $(STAMP)
 	$(PYTEST) $(ARGS)
 
-test: lint pytest
+# Prints its own wall time (set-up included): the budget on a fresh clone with an empty cache is 15 minutes.
+test:
+	@start=$$(date +%s); status=0; $(MAKE) --no-print-directory lint pytest || status=$$?; \
+	secs=$$(( $$(date +%s) - start )); \
+	echo "== make test: $$((secs / 60)) min $$((secs % 60)) s wall time (budget 15 min), exit $$status"; exit $$status
 
 lab: $(STAMP)
 	$(BIN)/jupyter lab notebooks/

@@ -29,9 +29,14 @@ R (e.g. ``3-7 0-4``: the measured default against causal tracing's recommendatio
 Part 5 (with --quality-variants): ES / PS / NS of the same --quality-n (200) fact-set edits with today's
 float32 z and each variant; a variant may become the default only within 2 points on each.
 
+Part 6 (with --zsre N): z for the same N known facts as fact-set requests, as zsRE questions with their true
+answers, and as questions with the fact set's new objects: time per edit, passes, tokens replayed, target length,
+final NLL (why zsRE-style requests are slower).
+
 Usage: .venv/bin/python bench/memit.py [--n-z 32] [--n-edits 100 1000] [--quality-at 100] [--skip-reference]
        [--skip-baseline] [--variants plateau bf16 plateau+bf16]
        [--compare-layers 3-7 0-4 --compare-n 100] [--quality-variants plateau+bf16 --quality-n 200]
+       [--zsre 16 --zsre-variant plateau+bf16]
 """
 
 from __future__ import annotations
@@ -310,6 +315,43 @@ def compare_variants_quality(variants: Sequence[str], n: int) -> None:
               f"-> {'holds' if worst <= 2 else 'does not hold'}")  # fmt: skip
 
 
+# --- part 6: why are zsRE-style requests slower? ---------------------------------------------------------------
+
+
+def zsre_report(lm: LoadedModel, name: str, requests: Sequence[EditRequest], layer: int, params: ZParams) -> float:
+    """Optimise z for ``requests``; print time per edit, passes, suffix and target lengths, final NLL."""
+    contexts = context_templates(lm, params.n_contexts, params.context_tokens, params.context_seed)
+    res, took = timed_z(lm, requests, layer, params, contexts)
+    prompts = [tokenise_prompt(lm, r, "{}", r.target_new) for r in requests]
+    suffix = sum(len(p.ids) - p.subject_last for p in prompts) / len(prompts)
+    target = sum(len(p.target_ids) for p in prompts) / len(prompts)
+    passes = sum(map(len, res.losses)) / len(requests)
+    nll = sum(p[0] for p in res.final_parts) / len(requests)
+    print(f"   {name:34} {took / len(requests):5.2f} s/edit  passes {passes:4.1f}  tokens from the last subject "
+          f"token {suffix:4.1f}  target tokens {target:3.1f}  final NLL {nll:.3f}")  # fmt: skip
+    return took / len(requests)
+
+
+def compare_zsre(n: int, variant: str | None) -> None:
+    """The same facts as fact-set requests and as zsRE questions (question_slice): what makes a question slower."""
+    from memit_lab.experiments import question_slice
+
+    lm = load_model("smollm2-135m")
+    hp = MemitHyperParams.for_model(lm)
+    params = dataclasses.replace(hp.z, **VARIANTS.get(variant or "", {}))
+    questions = question_slice(load_factset(known=True), n=n)
+    by_id = {r.case_id: r for r in load_factset(known=True)}
+    facts = [by_id[q.case_id] for q in questions]
+    print(f"   z at L = {hp.layers[-1]}, {variant or 'float32'}, the same {n} known facts in three forms:")
+    base = zsre_report(lm, "fact set: template -> new object", [edit_request(r) for r in facts], hp.layers[-1], params)
+    asked = [EditRequest(q.prompt, q.subject, q.target) for q in questions]
+    zsre = zsre_report(lm, "zsRE: question -> true answer", asked, hp.layers[-1], params)
+    new = [EditRequest(q.prompt, q.subject, r.target_new) for q, r in zip(questions, facts, strict=True)]
+    zsre_new = zsre_report(lm, "question -> the fact set's new object", new, hp.layers[-1], params)
+    print(f"   per-edit ratio to the fact set: zsRE {zsre / base:.2f}x, question with the new object "
+          f"{zsre_new / base:.2f}x (goal: zsRE within 1.5x)")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--n-z", type=int, default=32, help="requests for the z comparison")
@@ -328,6 +370,8 @@ def main() -> None:
         help="part 5: edit quality of these z variants against float32 on the same --quality-n edits",
     )  # fmt: skip
     parser.add_argument("--quality-n", type=int, default=200, help="fact-set edits scored in part 5")
+    parser.add_argument("--zsre", type=int, default=0, help="part 6: facts compared as zsRE")
+    parser.add_argument("--zsre-variant", default=None, choices=list(VARIANTS), help="part 6's z variant")
     args = parser.parse_args()
     torch.set_num_threads(2)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; times include any other load on the machine")
@@ -347,6 +391,9 @@ def main() -> None:
     if args.quality_variants:
         print(f"\n== part 5: edit quality of z variants, the same {args.quality_n} fact-set edits (CounterFact %)")
         compare_variants_quality(args.quality_variants, args.quality_n)
+    if args.zsre:
+        print(f"\n== part 6: zsRE-style requests against fact-set requests, {args.zsre} facts")
+        compare_zsre(args.zsre, args.zsre_variant)
 
 
 if __name__ == "__main__":

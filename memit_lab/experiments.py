@@ -24,6 +24,7 @@ subject, new object" (:class:`CounterFactRecord`'s ``target_new``; for zsRE the 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -69,6 +70,7 @@ __all__ = [
     "default_hparams",
     "edit_demo",
     "edit_request",
+    "hparams_table",
     "plan",
     "preserved_weights",
     "question_slice",
@@ -238,6 +240,37 @@ def default_hparams(lm: LoadedModel, method: str) -> Any:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     return get_method(method).defaults(lm)
+
+
+def _flat_fields(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """A hyper-parameter dataclass as ``{field: value}``, nested ones (``z``) as ``z.steps`` etc."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            out.update(_flat_fields(value, f"{prefix}{f.name}."))
+        else:
+            out[prefix + f.name] = "-".join(map(str, value)) if isinstance(value, tuple) else value
+    return out
+
+
+def hparams_table(lm: LoadedModel, methods: Sequence[str]) -> pd.DataFrame:
+    """The default hyper-parameters of ``methods`` for ``lm``, one column per method, one row per knob.
+
+    A knob a method does not have is empty; tuples of layers print as ``0-1-2``. Read it instead of the
+    dataclasses' one-line reprs.
+
+    Example:
+        >>> from memit_lab import load_model
+        >>> table = hparams_table(load_model("tiny-gpt2"), ["memit"])
+        >>> table.loc["lam", "memit"], "z.steps" in table.index
+        (15000.0, True)
+    """
+    columns = {m: _flat_fields(default_hparams(lm, m)) for m in methods}
+    knobs = list(dict.fromkeys(k for fields in columns.values() for k in fields))
+    # built cell by cell: a frame from dicts would turn a column with gaps into floats (steps 25 -> 25.0)
+    cells = [[columns[m].get(k, "") for m in methods] for k in knobs]
+    return pd.DataFrame(cells, index=knobs, columns=list(methods), dtype=object)
 
 
 # --- scoring ---------------------------------------------------------------------------------------------------
@@ -530,23 +563,40 @@ def question_slice(records: Sequence[CounterFactRecord], n: int | None = None) -
 
     As in zsRE: the question (``src``) and its rephrase; the edit target ``answers[0]`` is
     the *true* object (the paper's code writes the gold answer), ``alt`` the fact set's
-    counterfactual; the unrelated question (``loc``) is another record's question, from a
-    different relation, written the way zsRE writes Natural Questions (``"nq question: ..."``).
+    counterfactual. The unrelated question (``loc``, written the way zsRE writes Natural Questions,
+    ``"nq question: ..."``) comes from the usable records *after* the first ``n``: a record of another
+    relation whose subject is not among the edited ones, so no edit of the batch writes its answer (zsRE's
+    own unrelated questions are never edited either), taken in turn.
+
+    Raises:
+        ValueError: fewer than two question relations, or no record left over for the unrelated questions
+            (pass more records or a smaller ``n``).
 
     Example:
         >>> from memit_lab.datasets import load_factset
-        >>> q = question_slice(load_factset(relations=["city_country", "team_sport"]), n=1)[0]
+        >>> qs = question_slice(load_factset(relations=["city_country", "team_sport"]), n=3)
+        >>> q = qs[0]
         >>> q.src.endswith("?") and q.subject in q.src, q.target == q.answers[0], q.loc[:12]
         (True, True, 'nq question:')
+        >>> any(e.subject.lower() in q.loc for q in qs for e in qs)
+        False
     """
     usable = [r for r in records if r.relation_id in QUESTIONS]
     if len({r.relation_id for r in usable}) < 2:
         raise ValueError(f"question_slice needs records of at least two of these relations: {sorted(QUESTIONS)}")
     chosen = usable if n is None else usable[:n]
+    edited = {r.subject for r in chosen}
+    spare = [r for r in usable[len(chosen) :] if r.subject not in edited]
+    if not spare:
+        raise ValueError(
+            f"question_slice: all {len(usable)} question-form records are edited, none is left for the unrelated "
+            "questions; pass more records or a smaller n"
+        )
     out = []
     for i, r in enumerate(chosen):
+        others = [o for o in spare if o.relation_id != r.relation_id] or spare
+        other = others[i % len(others)]
         src, rephrase = (q.format(r.subject) for q in QUESTIONS[r.relation_id])
-        other = next(o for o in usable[i + 1 :] + usable[:i] if o.relation_id != r.relation_id)
         loc = QUESTIONS[other.relation_id][0].format(other.subject).rstrip("?").lower()
         out.append(
             ZsreRecord(

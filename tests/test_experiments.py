@@ -15,6 +15,7 @@ from memit_lab.datasets import CounterFactRecord, load_factset
 from memit_lab.experiments import (
     METHODS,
     PLANS,
+    QUESTIONS,
     Sweep,
     cached_run,
     default_hparams,
@@ -136,12 +137,21 @@ def test_sweep_summary_table_and_plot() -> None:
 
 def test_question_slice_is_zsre_shaped() -> None:
     records = load_factset(relations=["city_country", "team_sport", "book_author"], n=30)
-    questions = question_slice(records)
-    assert len(questions) == 30
-    for q, r in zip(questions, records, strict=True):
+    questions = question_slice(records, n=20)
+    assert len(questions) == 20
+    edited = {r.subject.lower() for r in records[:20]}
+    asked = {r.case_id: QUESTIONS[r.relation_id][0].format(r.subject).rstrip("?").lower() for r in records[20:]}
+    spare = {"nq question: " + asked[r.case_id]: r for r in records[20:]}
+    for q, r in zip(questions, records[:20], strict=True):
         assert q.target == r.target_true == q.answers[0] and q.alt == r.target_new
         assert q.subject in q.src and q.subject in q.rephrase and q.src != q.rephrase
-        assert q.loc.startswith("nq question: ") and q.subject.lower() not in q.loc
+        # specificity asks about a record that no edit of the batch touches, of another relation
+        other = spare[q.loc]
+        assert other.subject.lower() not in edited and other.relation_id != r.relation_id
+        assert q.loc_ans == other.target_true
+    assert len({q.loc for q in questions}) > 1
+    with pytest.raises(ValueError, match="none is left for the unrelated"):
+        question_slice(records)
     with pytest.raises(ValueError, match="at least two"):
         question_slice(load_factset(relations=["city_country"], n=5))
 
@@ -164,7 +174,7 @@ def test_every_plan_fits_the_fact_set(name: str) -> None:
     p = PLANS[name]
     known = load_factset(known=True)
     assert max(p.sweep_ns) <= len(known) and p.tradeoff_n <= len(known)
-    assert len(question_slice(known)) >= p.table1_n
+    assert len(question_slice(known, n=p.table1_n)) == p.table1_n
     per_relation = {r: sum(x.relation_id == r for x in known) for r in p.relations}
     assert min(per_relation.values()) >= p.per_relation, per_relation
     assert set(p.methods) <= set(METHODS) and all(layers == tuple(sorted(layers)) for layers in p.layer_ranges)
@@ -200,3 +210,13 @@ def test_memit_writes_ten_known_facts_and_run_edits_restores_every_weight(smollm
     assert edited.es.mean() == 1.0, list(edited.es)
     assert abs(edited.ns.mean() - unedited.ns.mean()) <= 0.1, (edited.ns.mean(), unedited.ns.mean())
     assert edited.attrs["edit_seconds"] > 0 and set(edited.attrs["edit_phases"]) >= {"z", "keys", "solve"}
+
+
+def test_hparams_table_lists_each_methods_own_defaults() -> None:
+    lm = load_model("tiny-gpt2")
+    table = experiments.hparams_table(lm, ["memit", "ft"])
+    memit, ft = default_hparams(lm, "memit"), default_hparams(lm, "ft")
+    assert table.loc["layers", "memit"] == "-".join(map(str, memit.layers))
+    assert table.loc["z.clamp", "memit"] == memit.z.clamp and table.loc["lam", "memit"] == memit.lam
+    assert table.loc["steps", "ft"] == ft.steps and type(table.loc["steps", "ft"]) is int
+    assert table.loc["lam", "ft"] == "" and table.loc["norm_constraint", "memit"] == ""
