@@ -10,10 +10,11 @@ Part 1, same run, same requests, same contexts and hyper-parameters:
   subject token on; logits only where a target is predicted; converged requests leave
   the batch; chunks of ``ZParams.chunk`` requests.
 
-Printed: both times, the ratio (goal >= 5x), the max difference of final losses and of z; how today's passes
-are spent (how many requests run every pass and end above stop_loss, delta at the clamp); then, for the same
-requests and contexts, each switch of ``ZParams`` off by default (``--variants``: plateau stopping, bfloat16,
-both): time, ratio to today's float32 path and max ||z - z_float32|| / ||delta_float32||.
+Printed: both times, the ratio (goal >= 5x), the max difference of final losses and of z; how the passes of the
+float32 path with the reference's stopping (``stop="loss"``, the default before plateau stopping) are spent (how
+many requests run every pass and end above stop_loss, delta at the clamp); then, for the same requests and
+contexts, each variant (``--variants``: plateau stopping -- the default now --, bfloat16, both): time, ratio to
+the loss-stop float32 path and max ||z - z_float32|| / ||delta_float32||.
 
 Part 2: ``apply_memit`` end to end for --n-edits (100 and 1000 by default) counterfactual
 requests made from the bundled fact set, with z / keys / solve times separately and the
@@ -26,7 +27,7 @@ memit_lab's fact set, edited and unedited. Goals: ES >= 95, PS >= 80, NS within 
 Part 4 (with --compare-layers): edit quality of the same --compare-n edits written into each given layer range
 R (e.g. ``3-7 0-4``: the measured default against causal tracing's recommendation), other settings the defaults.
 
-Part 5 (with --quality-variants): ES / PS / NS of the same --quality-n (200) fact-set edits with today's
+Part 5 (with --quality-variants): ES / PS / NS of the same --quality-n (200) fact-set edits with the
 float32 z and each variant; a variant may become the default only within 2 points on each.
 
 Part 6 (with --zsre N): z for the same N known facts as fact-set requests, as zsRE questions with their true
@@ -149,7 +150,12 @@ def straightforward_z(
     return h0 + delta.detach(), final.tolist()
 
 
-#: Part 1's variants of today's float32 algorithm: name -> the ZParams fields they change.
+def reference_stop(z: ZParams) -> ZParams:
+    """The float32 path with the reference's stopping (loss below stop_loss), the default before plateau."""
+    return dataclasses.replace(z, stop="loss", dtype="float32")
+
+
+#: Part 1's variants of the float32 loss-stop path: name -> the ZParams fields they change.
 VARIANTS: dict[str, dict[str, Any]] = {
     "plateau": {"stop": "plateau"},
     "bf16": {"dtype": "bfloat16"},
@@ -164,7 +170,7 @@ def timed_z(lm: LoadedModel, requests: Sequence[EditRequest], layer: int, params
 
 
 def passes_report(res: Any, params: ZParams) -> None:
-    """How the passes of today's algorithm are spent: the histogram, and the requests that stall above stop_loss."""
+    """How the passes of the loss-stop path are spent: the histogram, and the requests that stall above stop_loss."""
     frame = res.to_frame()
     counts = frame["passes"].value_counts().sort_index()
     print(f"   passes per request (float32): mean {frame['passes'].mean():.1f} of {params.steps}; "
@@ -194,7 +200,7 @@ def compare_z(
         t_ref = time.perf_counter() - start
         print(f"straightforward z, {len(requests)} requests: {t_ref:.1f} s ({t_ref / len(requests):.2f} s/edit)")
     res, t_new = timed_z(lm, requests, layer, params, contexts)
-    print(f"memit_lab z float32 (today's default), {len(requests)} requests: {t_new:.1f} s "
+    print(f"memit_lab z float32, stop='loss' (the default before plateau), {len(requests)} requests: {t_new:.1f} s "
           f"({t_new / len(requests):.2f} s/edit), {sum(map(len, res.losses))} passes")  # fmt: skip
     if baseline:
         loss_new = [c[-1] for c in res.losses]
@@ -291,7 +297,7 @@ def compare_layers(ranges: Sequence[str], n: int) -> None:
 
 
 def compare_variants_quality(variants: Sequence[str], n: int) -> None:
-    """ES / PS / NS of the same ``n`` fact-set edits with today's float32 z and with each variant, same run."""
+    """ES / PS / NS of the same ``n`` fact-set edits with the loss-stop float32 z and with each variant, same run."""
     lm = load_model("smollm2-135m")
     records = load_factset(n=n)
     requests = [edit_request(r) for r in records]
@@ -300,7 +306,7 @@ def compare_variants_quality(variants: Sequence[str], n: int) -> None:
     print(f"   {'unedited':14} {scores_text(unedited)}")
     rows: dict[str, Any] = {}
     for name in ["float32", *variants]:
-        z = dataclasses.replace(hp.z, **VARIANTS.get(name, {}))
+        z = dataclasses.replace(reference_stop(hp.z), **VARIANTS.get(name, {}))
         start = time.perf_counter()
         result = apply_memit(lm, requests, dataclasses.replace(hp, z=z))
         took = time.perf_counter() - start
@@ -361,7 +367,7 @@ def main() -> None:
     parser.add_argument("--skip-baseline", action="store_true", help="part 1 without the straightforward z")
     parser.add_argument(
         "--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS),
-        help="part 1: switches compared with today's float32 path (none: today's path alone)",
+        help="part 1: switches compared with the loss-stop float32 path (none: that path alone)",
     )  # fmt: skip
     parser.add_argument("--compare-layers", nargs="*", default=[], help="layer ranges for part 4, e.g. 3-7 0-4")
     parser.add_argument("--compare-n", type=int, default=100, help="known facts edited in part 4")
@@ -379,8 +385,8 @@ def main() -> None:
         lm = load_model("smollm2-135m")
         hp = MemitHyperParams.for_model(lm)
         requests = [edit_request(r) for r in load_factset(n=args.n_z)]
-        print(f"\n== part 1: z optimisation (eq. 16) at layer {hp.layers[-1]}, {hp.z}")
-        compare_z(lm, requests, hp.layers[-1], hp.z, args.variants, baseline=not args.skip_baseline)
+        print(f"\n== part 1: z optimisation (eq. 16) at layer {hp.layers[-1]}, {reference_stop(hp.z)}")
+        compare_z(lm, requests, hp.layers[-1], reference_stop(hp.z), args.variants, baseline=not args.skip_baseline)
         del lm
     for n in args.n_edits:
         print(f"\n== part 2: apply_memit, {n} edits (bundled fact set, default hyper-parameters)")

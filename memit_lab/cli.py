@@ -350,7 +350,7 @@ def _cmd_edit(args: argparse.Namespace) -> int:
 
 
 def _add_edit(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("edit", help="write facts from a JSON file into the model (MEMIT, ROME or FT-W)")
+    parser = sub.add_parser("edit", help="write facts from a JSON file into the model (any method of the registry)")
     _add_common(parser)
     parser.add_argument(
         "--requests", required=True, help='JSON list of {"prompt": "The capital of {} is", "subject", "target_new"}'

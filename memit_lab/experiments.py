@@ -1,4 +1,4 @@
-"""The paper's experiments at any scale: edit n facts with MEMIT, sequential ROME or FT-W, score, restore.
+"""The paper's experiments at any scale: edit n facts with MEMIT, sequential ROME, FT-L or FT-W, score, restore.
 
 * :func:`run_edits` -- edit the first ``n`` records with one method, score every record
   (CounterFact: ES/EM, PS/PM, NS/NM and optionally GE/RS; zsRE: token accuracy), and
@@ -11,8 +11,9 @@
 
 Methods (``method=``): ``"memit"`` (all edits at once over a range of layers, Algorithm
 1), ``"rome-seq"`` (ROME, one edit after the other, each on the already edited model),
-``"ft"`` (FT-W: fine-tuning one layer's W_out on all edits at once under an L-infinity
-constraint), ``"unedited"`` (no edit: the reference line). Hyper-parameters are each
+``"ft-l"`` (FT-L: fine-tuning one layer's W_out on all edits at once under an L-infinity
+constraint; ``"ft"``, its old name, is an alias), ``"ft-w"`` (FT-W: fine-tuning every weight of
+one block with weight decay), ``"unedited"`` (no edit: the reference line). Hyper-parameters are each
 method's own dataclass (see :mod:`memit_lab.memit`, :mod:`memit_lab.rome`,
 :mod:`memit_lab.finetune`); ``None`` takes its defaults for the model.
 
@@ -53,9 +54,10 @@ from .evaluate import (
     mean_nll,
     zsre_scores,
 )
-from .methods import get_method, method_names
+from .methods import ALIASES, get_method, method_names
 from .models import LoadedModel
 from .requests import EditRequest
+from .rome import apply_rome
 from .zopt import ZParams, ZResult, optimise_z
 
 __all__ = [
@@ -81,7 +83,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-METHODS = ("unedited", *method_names())
+METHODS = ("unedited", *method_names(), *ALIASES)
 Record = CounterFactRecord | ZsreRecord
 
 
@@ -143,7 +145,7 @@ PLANS: dict[str, Plan] = {
     "small": Plan(
         scale="small",
         sweep_ns=(1, 4, 12),
-        methods=("memit", "rome-seq", "ft"),
+        methods=("memit", "rome-seq", "ft-l", "ft-w"),
         generation=4,
         table1_n=6,
         relations=_RELATIONS_SMALL,
@@ -155,9 +157,9 @@ PLANS: dict[str, Plan] = {
     "medium": Plan(
         scale="medium",
         sweep_ns=(1, 10, 100),
-        methods=("memit", "rome-seq", "ft"),
+        methods=("memit", "rome-seq", "ft-l", "ft-w"),
         generation=10,
-        table1_n=30,
+        table1_n=100,
         relations=_RELATIONS_FULL[:8],
         per_relation=8,
         tradeoff_n=24,
@@ -167,9 +169,9 @@ PLANS: dict[str, Plan] = {
     "full": Plan(
         scale="full",
         sweep_ns=(1, 10, 100, 300, 900),
-        methods=("memit", "rome-seq", "ft"),
+        methods=("memit", "rome-seq", "ft-l", "ft-w"),
         generation=50,
-        table1_n=100,
+        table1_n=300,
         relations=_RELATIONS_FULL,
         per_relation=15,
         tradeoff_n=50,
@@ -191,9 +193,9 @@ def plan() -> Plan:
 def preserved_weights(lm: LoadedModel) -> Iterator[None]:
     """Every W_out is copied on entry and written back on exit (also after an error): bit-for-bit restoration.
 
-    All three methods change only MLP output matrices; the model's fingerprint (a strided
-    sample of *every* weight) is compared on exit, so an edit that touched anything else
-    is reported instead of silently kept.
+    A backstop behind each method's own ``restore()`` (FT-W changes a whole block); the model's
+    fingerprint (a strided sample of *every* weight) is compared on exit, so an edit that touched
+    anything else and was not undone is reported instead of silently kept.
     """
     backup = WeightBackup.of(lm, range(lm.n_layers))
     before = lm.fingerprint()
@@ -308,7 +310,7 @@ def run_edits(
     Args:
         lm: the model; its weights are the same bit for bit when this returns (or raises).
         records: CounterFact-format or zsRE records; the first ``n`` (all when ``None``) are edited together.
-        method: ``"memit"``, ``"rome-seq"``, ``"ft"`` or ``"unedited"``.
+        method: ``"memit"``, ``"rome-seq"``, ``"ft-l"``, ``"ft-w"`` (any registered name or alias) or ``"unedited"``.
         hparams: the method's hyper-parameter dataclass, ``None`` for its defaults.
         generation: GE and RS are computed on the first ``generation`` records (0: skipped; it samples text).
         max_new_tokens: length of each generated text (the paper: 100).
@@ -327,9 +329,14 @@ def run_edits(
     chosen = list(records[:n])
     with preserved_weights(lm):
         start = time.perf_counter()
-        phases = {} if method == "unedited" else _apply(lm, chosen, method, hparams, progress, targets).seconds
+        result = None if method == "unedited" else _apply(lm, chosen, method, hparams, progress, targets)
         edit_seconds = time.perf_counter() - start
-        frame = _score(lm, chosen, generation, max_new_tokens, progress)
+        try:
+            frame = _score(lm, chosen, generation, max_new_tokens, progress)
+        finally:
+            if result is not None:  # the method's own undo: FT-W changes a whole block, not only W_out
+                result.restore()
+    phases = {} if result is None else result.seconds
     frame.insert(0, "method", method)
     frame.insert(1, "n", len(chosen))
     frame.attrs["edit_seconds"] = edit_seconds
@@ -481,23 +488,67 @@ class Sweep:
         summary = self.summary()
         metrics = [m for m in metrics if m in summary.columns]
         fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.0), squeeze=False)
+        methods = [m for m in summary.method.unique() if m != "unedited"]
         for ax, metric in zip(axes[0], metrics, strict=True):
             for method, rows in summary.groupby("method", sort=False):
-                style = {"linestyle": "--", "color": "grey"} if method == "unedited" else {"marker": "o"}
-                ax.plot(rows.n, rows[metric], label=method, **style)
+                ax.plot(rows.n, rows[metric], label=method, **_line_style(method, methods))
             ax.set_xscale("log")
             ax.set_xlabel("number of edits")
             ax.set_title(metric)
-        axes[0][0].legend(fontsize="small")
+        axes[0][-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
         fig.tight_layout()
         return fig
+
+
+def _line_style(method: str, methods: Sequence[str]) -> dict[str, Any]:
+    """Figure 5's line for ``method``: unedited dashed grey; the others differ in marker, dash and size, larger
+    first, so that methods with equal scores stay visible on top of each other."""
+    if method == "unedited":
+        return {"linestyle": "--", "color": "grey"}
+    i = list(methods).index(method)
+    return {
+        "marker": "osD^v"[i % 5], "linestyle": ("-", "--", "-.", ":")[i % 4], "markersize": max(9 - 2 * i, 3),
+        "markerfacecolor": "none" if i % 2 else None, "alpha": 0.9,
+    }  # fmt: skip
+
+
+def _sequential_prefixes(
+    lm: LoadedModel, records: Sequence[Record], ns: Sequence[int], hparams: Any, options: dict[str, Any]
+) -> None:
+    """Fill the cached cells of ROME-sequential at every n of ``ns`` from one run of max(ns) edits.
+
+    Exact, not an approximation: after its first n edits, a sequential run holds the model a run of n edits
+    leaves (each edit sees only the model the earlier ones left; contexts and statistics come from the
+    unedited model), so each prefix is scored when the run reaches it (:func:`memit_lab.rome.apply_rome`'s
+    ``on_edit``). A cell's edit time is the run's time up to that edit, scoring excluded.
+    """
+    hparams = default_hparams(lm, "rome-seq") if hparams is None else hparams
+    folders = {n: cache_root() / "experiments" / _cell_key(lm, records[:n], "rome-seq", hparams, options) for n in ns}
+    todo = {n for n in ns if read_manifest(folders[n]) is None}
+    if not todo:
+        return
+    clock = {"edit": 0.0, "since": time.perf_counter()}
+
+    def score_prefix(done: int) -> None:
+        clock["edit"] += time.perf_counter() - clock["since"]
+        if done in todo:
+            frame = _score(lm, records[:done], options["generation"], options["max_new_tokens"], False)
+            frame.insert(0, "method", "rome-seq")
+            frame.insert(1, "n", done)
+            frame.attrs["edit_seconds"] = clock["edit"]
+            _save_cell(folders[done], frame)
+        clock["since"] = time.perf_counter()
+
+    requests = [edit_request(r) for r in records[: max(todo)]]
+    with preserved_weights(lm):
+        apply_rome(lm, requests, hparams, on_edit=score_prefix)
 
 
 def scaling_sweep(
     lm: LoadedModel,
     records: Sequence[Record],
     ns: Sequence[int],
-    methods: Sequence[str] = ("memit", "rome-seq", "ft"),
+    methods: Sequence[str] = ("memit", "rome-seq", "ft-l"),
     *,
     hparams: dict[str, Any] | None = None,
     generation: int = 0,
@@ -513,7 +564,8 @@ def scaling_sweep(
     the rest. ``hparams`` maps a method name to its hyper-parameter dataclass.
 
     MEMIT's z (eq. 16) is optimised once, in its largest-n cell, and shared by the smaller n
-    (:class:`TargetPool`): their edit times count keys and solves only.
+    (:class:`TargetPool`): their edit times count keys and solves only. ROME-sequential runs once, to the
+    largest n, and is scored at each smaller n on the way (exactly the smaller runs' scores; with ``cache``).
     """
     ns = sorted(set(ns))
     unknown = set(methods) - set(METHODS)
@@ -527,6 +579,9 @@ def scaling_sweep(
     if "memit" in methods:  # (the defaults of a model without measured ones cost a causal trace)
         memit_hp = (hparams or {}).get("memit") or default_hparams(lm, "memit")
         top, pool = memit_hp.layers[-1], TargetPool(lm, records[: ns[-1]], memit_hp.z)
+    if cache and "rome-seq" in methods:
+        options = {"generation": generation, "max_new_tokens": max_new_tokens}
+        _sequential_prefixes(lm, list(records), ns, (hparams or {}).get("rome-seq"), options)
     frames, seconds = [], []
     for method, n in tqdm(cells, desc="sweep", disable=not progress):
         settings = (hparams or {}).get(method)

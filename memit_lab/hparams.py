@@ -1,8 +1,8 @@
 """What each editing method's result depends on besides the model and the requests, and the measured defaults.
 
 One frozen dataclass per method (:class:`MemitHyperParams`, :class:`RomeHyperParams`,
-:class:`FtHyperParams`; z's own knobs are :class:`memit_lab.zopt.ZParams`) and one table,
-:data:`MODEL_DEFAULTS`, of the settings measured per model -- the only place defaults live.
+:class:`FtHyperParams` (FT-L), :class:`FtWHyperParams`; z's own knobs are :class:`memit_lab.zopt.ZParams`) and
+one table, :data:`MODEL_DEFAULTS`, of the settings measured per model -- the only place defaults live.
 ``Params.for_model(lm)`` gives the measured ones, else the paper's settings with the layers
 scaled from GPT-J (:func:`default_layers`). A model without measured defaults gets better layers
 from causal tracing: :func:`memit_lab.layer_choice.default_hparams` (what the method registry,
@@ -29,9 +29,11 @@ from .stats import DEFAULT_N_TOKENS
 from .zopt import ZParams
 
 __all__ = [
+    "FT_W_DECAY_LAW",
     "MODEL_DEFAULTS",
     "AlphaEditHyperParams",
     "FtHyperParams",
+    "FtWHyperParams",
     "MemitHyperParams",
     "RomeHyperParams",
     "default_layers",
@@ -121,7 +123,7 @@ class RomeHyperParams(_HyperParams):
 
     method: ClassVar[str] = "rome-seq"
     layer: int
-    z: ZParams = field(default_factory=lambda: ZParams(steps=20, clamp=4.0, n_contexts=10))
+    z: ZParams = field(default_factory=lambda: ZParams(steps=20, clamp=4.0, n_contexts=10, stop="loss"))
     stats_tokens: int = DEFAULT_N_TOKENS
     key_batch: int = 64
 
@@ -139,7 +141,9 @@ class RomeHyperParams(_HyperParams):
 
 @dataclass(frozen=True)
 class FtHyperParams(_HyperParams):
-    """Everything FT-W's result depends on besides the model and the requests.
+    """Everything FT-L's result depends on besides the model and the requests (W_out of one layer, L-inf box).
+
+    Registry name ``"ft-l"`` (``"ft"`` is its old alias). FT-W, all weights of one block, is :class:`FtWHyperParams`.
 
     Attributes:
         layer: l, the layer whose W_out is fine-tuned.
@@ -151,7 +155,7 @@ class FtHyperParams(_HyperParams):
         batch: requests per forward/backward pass (the gradient of a step sums over all of them).
     """
 
-    method: ClassVar[str] = "ft"
+    method: ClassVar[str] = "ft-l"
     layer: int
     steps: int = 25
     lr: float = 5e-4
@@ -174,6 +178,72 @@ class FtHyperParams(_HyperParams):
         :func:`default_layers` with the ROME paper's GPT-2 XL settings."""
         layers = default_layers(lm.n_layers)
         return cls.measured(lm) or cls(layer=layers[len(layers) // 2])
+
+
+#: The MEMIT paper's FT-W weight decay for n edits: n ** a * exp(b), fitted by its authors for GPT-J (the reference's
+#: ``wd_power_law`` in ``hparams/FT/EleutherAI_gpt-j-6B_wd.json``): 1.17 for one edit, 0.071 for 25, 0.021 for 100.
+FT_W_DECAY_LAW = (-0.87028798, 0.15589562)
+
+
+@dataclass(frozen=True)
+class FtWHyperParams(_HyperParams):
+    """Everything FT-W's result depends on besides the model and the requests (every weight of one block).
+
+    The MEMIT paper's settings (its code's ``EleutherAI_gpt-j-6B_wd.json``): 25 passes, Adam lr 5e-4 with (L2)
+    weight decay from :data:`FT_W_DECAY_LAW`, no norm constraint, batches of 64 with a step after each.
+
+    Attributes:
+        layer: l, the block whose parameters (attention, MLP and norms) are fine-tuned.
+        steps: passes over the requests at most (one Adam step per batch in each).
+        lr: Adam learning rate.
+        weight_decay: Adam's L2 weight decay (added to the gradient, as ``torch.optim.Adam`` does); ``None``:
+            ``n ** a * exp(b)`` with ``(a, b) = decay_law`` for n edits.
+        decay_law: (a, b) of the weight decay's power law in the number of edits.
+        loss_at: ``"last"``: every token of the new object scored at the prompt's last position (the reference);
+            ``"object"``: teacher forcing over the object's tokens (the same for one-token objects).
+        stop_loss: a batch whose mean loss is below this takes no step; a pass whose mean is below it ends.
+        batch: requests per forward/backward pass and Adam step.
+    """
+
+    method: ClassVar[str] = "ft-w"
+    layer: int
+    steps: int = 25
+    lr: float = 5e-4
+    weight_decay: float | None = None
+    decay_law: tuple[float, float] = FT_W_DECAY_LAW
+    loss_at: str = "last"
+    stop_loss: float = 1e-2
+    batch: int = 64
+
+    def __post_init__(self) -> None:
+        if self.layer < 0 or self.steps < 1 or self.batch < 1:
+            raise ValueError(f"layer must be >= 0, steps and batch >= 1: {self}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if self.weight_decay is not None and not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be >= 0 (or None for the power law), got {self.weight_decay}")
+        if len(self.decay_law) != 2 or not all(math.isfinite(x) for x in self.decay_law):
+            raise ValueError(f"decay_law must be two finite numbers (a, b) of n ** a * exp(b), got {self.decay_law}")
+        if self.loss_at not in ("last", "object"):
+            raise ValueError(f"loss_at must be 'last' or 'object' (teacher forcing): {self.loss_at!r}")
+
+    def decay_for(self, n_edits: int) -> float:
+        """The weight decay used for ``n_edits`` edits.
+
+        Example:
+            >>> round(FtWHyperParams(layer=0).decay_for(100), 4), FtWHyperParams(layer=0, weight_decay=0.1).decay_for(7)
+            (0.0212, 0.1)
+        """
+        if self.weight_decay is not None:
+            return self.weight_decay
+        a, b = self.decay_law
+        return n_edits**a * math.exp(b)
+
+    @classmethod
+    def for_model(cls, lm: LoadedModel) -> FtWHyperParams:
+        """Measured defaults for the bundled model (:data:`MODEL_DEFAULTS`), else the paper's GPT-J layer 21 of
+        28, scaled to the model's depth."""
+        return cls.measured(lm) or cls(layer=min(lm.n_layers - 1, round(21 / 28 * lm.n_layers)))
 
 
 @dataclass(frozen=True)
@@ -240,15 +310,23 @@ _SMOLLM_MEMIT = MemitHyperParams(layers=(0, 1, 2, 3, 4), lam=1_500.0)
 #: shared/docs/bundled-model.md) and inside MEMIT's range 3-7. Clamp: the reference's 4 x ||m^l|| expressed
 #: relative to ||h^l|| -- at layer 4, at the subject's last token of the first 50 fact-set edit prompts,
 #: ||m^4|| / ||h^4|| is 0.30 on average (median 0.33; layer 3: 0.30), so 4 x ||m|| ~ 1.2 x ||h||.
-_SMOLLM_ROME = RomeHyperParams(layer=4, z=ZParams(steps=20, clamp=1.2, n_contexts=10))
+# ROME keeps the reference's loss stopping until plateau stopping is measured for its v* (bench: MEMIT only).
+_SMOLLM_ROME = RomeHyperParams(layer=4, z=ZParams(steps=20, clamp=1.2, n_contexts=10, stop="loss"))
 
-#: Fine-tuning on the bundled model: the same layer as ROME (4, the MLP causal-tracing peak). eps and lr 5e-3, ten
+#: FT-L on the bundled model: the same layer as ROME (4, the MLP causal-tracing peak). eps and lr 5e-3, ten
 #: times the ROME paper's code: its 5e-4 is ~0.3% of this layer's W_out entry std (0.18) and, measured on 16 known
 #: facts of the fact set (CounterFact %, unedited S 0 / ES 0 / PS 3.1 / NS 88.8), writes nothing: ES 0. By eps (= lr):
 #: 2e-3 -> ES 12.5, PS 12.5, NS 82.5; 5e-3 -> ES 81.2, PS 31.2, NS 76.2; 2e-2 (lr 5e-3) -> ES 93.8, PS 71.9, NS 60.0;
 #: no box (lr 5e-4) -> ES 81.2, PS 56.2, NS 60.0. At 5e-3 the box still binds: most facts are written on their own
 #: prompt, few carry over to paraphrases, and neighbours pay -- the constrained fine-tuning baseline of the paper.
 _SMOLLM_FT = FtHyperParams(layer=4, steps=25, lr=5e-3, norm_constraint=5e-3)
+
+#: FT-W on the bundled model: the reference's settings (lr 5e-4, weight decay by FT_W_DECAY_LAW), block 22 (GPT-J's
+#: 21 of 28 scaled). Measured on 30 known facts (CounterFact %; unedited S 0.0, ES 0.0, PS 1.7, NS 89.3), S / ES / PS
+#: / NS by block: 4 33.1/36.7/20.0/74.7; 10 49.4/56.7/40.0/55.3; 16 41.3/36.7/35.0/59.3; 22 50.1/56.7/56.7/40.7;
+#: 28 40.5/36.7/36.7/51.3 (FT-L 37.0/53.3/20.0/81.3). Blocks 10 and 22 tie on S (one fact is 3.3 points); lr 2e-3
+#: writes more (ES 90-97) and wrecks the neighbours (NS 17-32). Not yet measured: other lr, loss_at="object", 100 edits.
+_SMOLLM_FT_W = FtWHyperParams(layer=22)
 
 #: AlphaEdit on the bundled model: MEMIT's R = 0-4 and z settings, the reference's alpha = 10, threshold 5e-3 (not
 #: the reference's 2e-2). E[k k^T] of layers 0-4 (20,000 tokens) has no gap in its spectrum: eigenvalues fall smoothly
@@ -274,7 +352,8 @@ MODEL_DEFAULTS: dict[str, dict[str, _HyperParams]] = {
     "smollm2-135m": {
         "memit": _SMOLLM_MEMIT,
         "rome-seq": _SMOLLM_ROME,
-        "ft": _SMOLLM_FT,
+        "ft-l": _SMOLLM_FT,
+        "ft-w": _SMOLLM_FT_W,
         "alphaedit": _SMOLLM_ALPHAEDIT,
     },
 }

@@ -20,11 +20,13 @@ adds no BOS token). Position 0 is the model's attention sink: from the early lay
 residual stream carries massive activations (Sun et al. 2024, "Massive activations in large
 language models") and most heads attend to it without reading anything from it (Xiao et al.
 2023, "Efficient streaming language models with attention sinks"). z (eq. 16) and the keys
-(eq. 14) read there belong to a state the rest of the prompt ignores, so the edit is written
+(eq. 19) read there belong to a state the rest of the prompt ignores, so the edit is written
 but the bare prompt does not read it; put any token before the subject and it does.
 
 * :func:`subject_at_first_token` -- is a request's subject at position 0?
 * :func:`residual_norms` -- ||h^l|| at position 0 against the other positions, every layer.
+* :func:`final_norm_norms` -- the same just before and just after the final norm, which scales every
+  token back to a common size (the drop in the last row of :func:`residual_norms`).
 * :func:`efficacy_by_prefix` -- the efficacy test (P(new) > P(true)) on the prompt as it is
   and after a few prefixes.
 
@@ -58,6 +60,7 @@ __all__ = [
     "TwoWayFact",
     "direction_scores",
     "efficacy_by_prefix",
+    "final_norm_norms",
     "forward_requests",
     "inverse_requests",
     "residual_norms",
@@ -221,6 +224,39 @@ def residual_norms(lm: LoadedModel, prompt: str) -> pd.DataFrame:
     return pd.DataFrame(
         {"layer": range(len(states)), "first token": norms[:, 0].numpy(), "other tokens": norms[:, 1:].mean(1).numpy()}
     )
+
+
+@torch.no_grad()
+def final_norm_norms(lm: LoadedModel, prompt: str) -> pd.DataFrame:
+    """||x|| just before and just after the final norm (the one before the unembedding): first token and the others.
+
+    The final norm maps each token's vector x to gamma * x / s(x), with s(x) its root mean square
+    (RMSNorm; LayerNorm subtracts the mean first and divides by the standard deviation). The length
+    afterwards depends on x's direction and gamma, not on ||x||: a first token hundreds of times
+    longer than the others comes out at their scale. That is the drop in the last row of
+    :func:`residual_norms`, which is after this norm.
+
+    Returns:
+        Index ``first token``, ``other tokens`` (the mean over positions 1...); columns
+        ``before final norm`` (the output of the last block) and ``after final norm``.
+
+    Example:
+        >>> from memit_lab import load_model
+        >>> frame = final_norm_norms(load_model("tiny-llama"), "Rome is in Italy")
+        >>> list(frame.index), list(frame.columns)
+        (['first token', 'other tokens'], ['before final norm', 'after final norm'])
+    """
+    ids = lm.tokenizer(prompt, return_tensors="pt").input_ids.to(lm.device)
+    if ids.shape[1] < 2:
+        raise ValueError(f"{prompt!r} is one token; final_norm_norms compares the first token with the others")
+    with Trace(lm.model, lm.adapter.final_norm, retain_input=True) as t:
+        lm.model(input_ids=ids, use_cache=False)
+    assert t.input is not None and t.output is not None
+    rows = {}
+    for column, x in (("before final norm", t.input), ("after final norm", t.output)):
+        norms = x[0].float().norm(dim=-1).cpu()  # [pos]
+        rows[column] = [float(norms[0]), float(norms[1:].mean())]
+    return pd.DataFrame(rows, index=["first token", "other tokens"])
 
 
 def efficacy_by_prefix(

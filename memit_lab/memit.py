@@ -24,7 +24,7 @@ every method shares (keys, hidden states, the weight backup) are in :mod:`memit_
 
 MEND, the paper's third baseline (a trained hyper-network), is out of scope for memit_lab:
 it needs a training run per model. The other two baselines are :mod:`memit_lab.rome`
-(ROME, one layer, rank one, applied sequentially) and :mod:`memit_lab.finetune` (FT-W).
+(ROME, one layer, rank one, applied sequentially) and :mod:`memit_lab.finetune` (FT-L, FT-W).
 
 Example:
     >>> from memit_lab import load_model

@@ -12,10 +12,12 @@ Example:
     >>> from memit_lab.requests import EditRequest
     >>> lm = load_model("tiny-gpt2")
     >>> sorted(METHODS)
-    ['alphaedit', 'ft', 'memit', 'rome-seq']
+    ['alphaedit', 'ft-l', 'ft-w', 'memit', 'rome-seq']
+    >>> get_method("ft").name  # the old name of FT-L, kept as an alias
+    'ft-l'
     >>> before = lm.adapter.w_out_weight(lm.model, 2).clone()
-    >>> hp = get_method("ft").hparams(layer=2, steps=3)
-    >>> with edits_applied(lm, [EditRequest("{} is in", "Paris", "Rome")], "ft", hp) as result:
+    >>> hp = get_method("ft-l").hparams(layer=2, steps=3)
+    >>> with edits_applied(lm, [EditRequest("{} is in", "Paris", "Rome")], "ft-l", hp) as result:
     ...     changed = not torch.equal(lm.adapter.w_out_weight(lm.model, 2), before)
     >>> changed, torch.equal(lm.adapter.w_out_weight(lm.model, 2), before), result.restored
     (True, True, True)
@@ -30,8 +32,8 @@ from typing import Any
 
 from .alphaedit import apply_alphaedit
 from .editing import EditResult
-from .finetune import apply_ft
-from .hparams import AlphaEditHyperParams, FtHyperParams, MemitHyperParams, RomeHyperParams
+from .finetune import apply_ft, apply_ft_w
+from .hparams import AlphaEditHyperParams, FtHyperParams, FtWHyperParams, MemitHyperParams, RomeHyperParams
 from .layer_choice import memit_defaults
 from .memit import apply_memit
 from .models import LoadedModel
@@ -85,8 +87,14 @@ METHODS: dict[str, Method] = {
             "ROME applied sequentially: one rank-one update of one layer per edit",
         ),
         Method(
-            "ft", apply_ft, FtHyperParams, FtHyperParams.for_model, "FT-W",
-            "FT-W: fine-tuning one layer's W_out on every edit at once, each weight kept near its old value",
+            "ft-l", apply_ft, FtHyperParams, FtHyperParams.for_model, "FT-L",
+            "FT-L: fine-tuning one layer's W_out on every edit at once, each weight kept in an L-inf box around "
+            "its old value (alias: ft, its old name)",
+        ),
+        Method(
+            "ft-w", apply_ft_w, FtWHyperParams, FtWHyperParams.for_model, "FT-W",
+            "FT-W: fine-tuning every weight of one block on every edit at once, with weight decay and no box "
+            "(the MEMIT paper's baseline)",
         ),
         Method(
             "alphaedit", apply_alphaedit, AlphaEditHyperParams, AlphaEditHyperParams.for_model, "AlphaEdit",
@@ -95,8 +103,9 @@ METHODS: dict[str, Method] = {
     )
 }  # fmt: skip
 
-#: Other names accepted for a method.
-ALIASES: dict[str, str] = {"rome": "rome-seq"}
+#: Other names accepted for a method. ``ft`` is FT-L's name from before FT-W was added: old commands and cached
+#: experiments that say ``ft`` keep meaning the W_out-in-a-box fine-tuning they ran.
+ALIASES: dict[str, str] = {"rome": "rome-seq", "ft": "ft-l"}
 
 
 def method_names() -> tuple[str, ...]:

@@ -45,7 +45,7 @@ Example:
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import pandas as pd
@@ -99,6 +99,7 @@ def apply_rome(
     second_moments: Mapping[int, torch.Tensor] | None = None,
     contexts: Sequence[str] | None = None,
     progress: bool = False,
+    on_edit: Callable[[int], None] | None = None,
 ) -> RomeResult:
     """Write the requests into ``lm`` with ROME, one after the other; undo with ``result.restore()``.
 
@@ -115,6 +116,9 @@ def apply_rome(
         contexts: prompt templates for delta and the key (``"{}"`` among them); ``None``
             samples ``hparams.z.n_contexts`` (:func:`memit_lab.zopt.context_templates`).
         progress: a progress bar over the requests.
+        on_edit: called after each edit with the number of requests written so far; the model then holds
+            exactly the first that many edits, as a run on those requests alone would leave it (each edit
+            sees only the model the earlier ones left), so a sweep scores all its prefixes in one run.
 
     Raises:
         InvalidRequestError, ConflictingRequestsError: bad requests (nothing changed).
@@ -155,6 +159,8 @@ def apply_rome(
             seconds["solve"] += time.perf_counter() - start
             zs.append(z)
             norms.append(float(delta.norm()))
+            if on_edit is not None:
+                on_edit(len(zs))
     except BaseException:
         backup.restore()
         raise

@@ -243,6 +243,9 @@ def _plan(
 ) -> _Plan:
     n = _check_size(records, n, batch_size)
     chosen = get_method(method)
+    if chosen.name == "ft-w":
+        # its edits change every weight of a block, and this backup (and the drift diagnostics) cover W_out only
+        raise ValueError("sequential editing backs up and measures W_out only; FT-W changes a whole block: use ft-l")
     hp = chosen.defaults(lm) if hparams is None else hparams
     if not isinstance(hp, chosen.hparams):
         raise TypeError(f"{chosen.name} takes {chosen.hparams.__name__}, got {type(hp).__name__}")

@@ -1,10 +1,11 @@
 """The paper's Figures 6 and 7 at any scale: scores per relation, generalisation vs specificity, mixed batches.
 
-* :func:`relation_study` -- each relation's first ``n`` records edited alone (Fig. 6a:
-  which relations MEMIT writes well), and the same records in one batch mixing every
-  relation (Fig. 7: a mixed batch scores like the average of its parts).
+* :func:`relation_study` -- each relation's first ``n`` records edited alone, and the same
+  records in one batch mixing every relation: Fig. 6 (per relation, generalisation PS against
+  specificity NS; :meth:`RelationStudy.plot_figure6`), the scores per relation as bars, and
+  Fig. 7 (a mixed batch scores like the average of its parts).
 * :func:`tradeoff_grid` -- MEMIT on the same ``n`` records for every lambda (eq. 15) and
-  every edit-layer range R (Fig. 6b: generalisation PS against specificity NS).
+  every edit-layer range R: PS against NS along lambda (an ablation, not a figure of the paper).
 
 Every edit is one :func:`memit_lab.experiments.cached_run` (restored afterwards, cached on
 disk, so a study that is stopped continues where it was).
@@ -12,9 +13,9 @@ disk, so a study that is stopped continues where it was).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -72,18 +73,43 @@ class RelationStudy:
         return table
 
     def plot_relations(self) -> Figure:
-        """Figure 6a: ES, PS, NS per relation, each relation edited alone; unedited as grey ticks."""
+        """ES, PS, NS per relation: edited alone and in the mixed batch (bars), unedited (grey ticks)."""
         summary = self.summary()
         alone = summary.xs("alone", level="condition")
         before = summary.xs("unedited", level="condition")
-        order = alone.sort_values("S").index
-        fig, axes = plt.subplots(1, 3, figsize=(12, 0.35 * len(order) + 1.5), sharey=True)
+        conditions = sorted(set(summary.index.get_level_values("condition")) - {"unedited"})
+        order = list(alone.sort_values("S").index)
+        y = np.arange(len(order))
+        height = 0.8 / len(conditions)
+        fig, axes = plt.subplots(1, 3, figsize=(12, 0.45 * len(order) + 1.6), sharey=True)
         for ax, metric in zip(axes, ["ES", "PS", "NS"], strict=True):
-            ax.barh(order, alone.loc[order, metric], color="C0", label="MEMIT, relation alone")
-            ax.scatter(before.loc[order, metric], order, marker="|", s=200, color="grey", label="unedited")
-            ax.set(xlim=(0, 100), title=metric, xlabel="%")
-        axes[0].legend(fontsize="small", loc="lower left")
-        fig.suptitle(f"Figure 6a: {self.batch} edits per relation, each relation in its own batch")
+            for i, condition in enumerate(conditions):
+                part = summary.xs(condition, level="condition").loc[order, metric]
+                label = "MEMIT, relation alone" if condition == "alone" else "MEMIT, mixed batch"
+                ax.barh(y + (i - (len(conditions) - 1) / 2) * height, part, height=height, color=f"C{i}", label=label)
+            ax.scatter(before.loc[order, metric], y, marker="|", s=200, color="grey", label="unedited", zorder=3)
+            ax.set(xlim=(0, 100), title=metric, xlabel="%", yticks=y, yticklabels=order)
+        axes[-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
+        fig.suptitle(f"Scores per relation, {self.batch} edits per relation")
+        fig.tight_layout()
+        return fig
+
+    def plot_figure6(self) -> Figure:
+        """Figure 6: generalisation (PS) against specificity (NS), one point per relation and condition."""
+        summary = self.summary()
+        fig, ax = plt.subplots(figsize=(6.5, 4.6))
+        styles = {"unedited": ("grey", "x"), "alone": ("C0", "o"), "mixed": ("C1", "s")}
+        for condition, (color, marker) in styles.items():
+            if condition not in summary.index.get_level_values("condition"):
+                continue
+            part = summary.xs(condition, level="condition")
+            ax.scatter(part.NS, part.PS, color=color, marker=marker, label=condition, zorder=3,
+                       facecolors="none" if condition == "mixed" else None, s=60)  # fmt: skip
+            if condition == "alone":
+                _label_points(ax, part.NS, part.PS, list(part.index))
+        ax.set(xlabel="specificity NS (%)", ylabel="generalisation PS (%)", xlim=(-5, 105), ylim=(-5, 105),
+               title=f"Figure 6: per relation, {self.batch} edits each")  # fmt: skip
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
         fig.tight_layout()
         return fig
 
@@ -95,8 +121,7 @@ class RelationStudy:
         fig, axes = plt.subplots(1, 3, figsize=(11, 3.6))
         for ax, metric in zip(axes, ["ES", "PS", "NS"], strict=True):
             ax.scatter(alone[metric], mixed.loc[alone.index, metric])
-            for name in alone.index:
-                ax.annotate(name, (alone.loc[name, metric], mixed.loc[name, metric]), fontsize=7)
+            _label_points(ax, alone[metric], mixed.loc[alone.index, metric], list(alone.index))
             lo = min(alone[metric].min(), mixed[metric].min()) - 5
             ax.plot([lo, 100], [lo, 100], color="grey", linestyle="--", linewidth=1)
             ax.set(title=metric, xlabel="edited alone (%)", ylabel="in the mixed batch (%)")
@@ -104,6 +129,15 @@ class RelationStudy:
         fig.suptitle(f"Figure 7: {n_rel} relations x {self.batch} edits mixed in one batch of {n_rel * self.batch}")
         fig.tight_layout()
         return fig
+
+
+def _label_points(ax: Any, xs: Iterable[float], ys: Iterable[float], names: Iterable[str]) -> None:
+    """Name each point; points on the same spot get their names stacked, not printed over each other."""
+    seen: dict[tuple[float, float], int] = {}
+    for x, y, name in zip(xs, ys, names, strict=True):
+        k = seen.get((round(x, 6), round(y, 6)), 0)
+        seen[(round(x, 6), round(y, 6))] = k + 1
+        ax.annotate(name, (x, y), fontsize=7, xytext=(4, 4 - 9 * k), textcoords="offset points")
 
 
 def relation_study(
@@ -152,19 +186,21 @@ class Tradeoff:
     n: int
 
     def plot(self) -> Figure:
-        """Figure 6b: generalisation (PS) against specificity (NS), one line per layer range along lambda."""
+        """Generalisation (PS) against specificity (NS) along lambda, one line per layer range (an ablation of
+        eq. 14-15's lambda and of R, not a figure of the paper)."""
         fig, ax = plt.subplots(figsize=(5.5, 4.2))
         edited = self.table[self.table.layers != "unedited"]
         for i, (layers, rows) in enumerate(edited.groupby("layers", sort=False)):
             rows = rows.sort_values("lam")
             ax.plot(rows.NS, rows.PS, marker="o", color=f"C{i}", label=f"layers {layers}")
             for _, row in rows.iterrows():
-                ax.annotate(f"{row.lam:.0e}", (row.NS, row.PS), fontsize=7, xytext=(3, 3), textcoords="offset points")
+                label = f"λ={row.lam:,.0f}"
+                ax.annotate(label, (row.NS, row.PS), fontsize=7, xytext=(3, 3), textcoords="offset points")
         base = self.table[self.table.layers == "unedited"].iloc[0]
         ax.scatter([base.NS], [base.PS], marker="*", s=150, color="grey", label="unedited", zorder=3)
         ax.set(xlabel="specificity NS (%)", ylabel="generalisation PS (%)",
-               title=f"Figure 6b: {self.n} edits, lambda and layers varied")  # fmt: skip
-        ax.legend(fontsize="small")
+               title=f"lambda and layers: {self.n} edits")  # fmt: skip
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
         fig.tight_layout()
         return fig
 

@@ -6,7 +6,7 @@ of applied edits):
 * **Trace explorer** -- causal tracing of one prompt (:func:`memit_lab.tracing.trace`):
   the heatmap and the edit layers it suggests;
 * **Edit playground** -- one or more facts rewritten with any method of the registry
-  (:data:`memit_lab.methods.METHODS`: MEMIT, ROME, FT-W, ...); before/after probabilities of the
+  (:data:`memit_lab.methods.METHODS`: MEMIT, ROME, FT-L, FT-W, ...); before/after probabilities of the
   new object and greedy generations for each edit prompt, a paraphrase and a neighbour;
   **Undo** puts back the W_out weights the edit overwrote, bit for bit (its
   :meth:`memit_lab.editing.EditResult.restore`);
@@ -31,7 +31,7 @@ Example:
     >>> view.layers, view.rome_layer  # the default edit layers: MEMIT's (from causal tracing), ROME's
     ((1, 2), 1)
     >>> method_labels()[:3]  # one choice per registered method
-    ('MEMIT', 'ROME', 'FT-W')
+    ('MEMIT', 'ROME', 'FT-L')
 """
 
 from __future__ import annotations
@@ -140,8 +140,8 @@ def _find_method(choice: str) -> Method | None:
         return None
 
 
-# What a method's hyper-parameters hold, read from their fields: MEMIT's R is ``layers``, ROME and FT-W edit one
-# ``layer``; only MEMIT has a λ (``lam``); methods that read E[k k^T] have ``stats_tokens``, those that optimise z
+# What a method's hyper-parameters hold, read from their fields: MEMIT's R is ``layers``, ROME, FT-L and FT-W edit
+# one ``layer``; only MEMIT has a λ (``lam``); methods that read E[k k^T] have ``stats_tokens``, those that optimise z
 # (eq. 16) a ``z`` with its contexts' settings.
 
 
@@ -515,10 +515,10 @@ def apply_edit(
     """Write ``facts`` into the model with a registered method (MEMIT: paper Algorithm 1), and show what changed.
 
     ``method`` is a playground label (:func:`method_labels`: ``"MEMIT"``, ``"ROME"``,
-    ``"FT-W"``) or a registry name. :func:`undo` puts the edited W_out back, bit for bit.
-    ``layers`` defaults to the method's (MEMIT's recommended R, ROME's and FT-W's one layer);
+    ``"FT-L"``, ``"FT-W"``) or a registry name. :func:`undo` puts the edited weights back, bit for bit.
+    ``layers`` defaults to the method's (MEMIT's recommended R, ROME's, FT-L's and FT-W's one layer);
     ``lam`` (λ of eq. 14-15, MEMIT only: ROME's update is exact on its key, so scaling C
-    changes nothing) to MEMIT's default. Several facts: MEMIT and FT-W write them at once,
+    changes nothing) to MEMIT's default. Several facts: MEMIT, FT-L and FT-W write them at once,
     ROME one after the other. Bad input gives a :class:`Message` and changes nothing.
     """
     plan = _plan_edit(state, facts, method, layers, lam)
@@ -772,7 +772,7 @@ class EditPlayground:
         self.layers.value = layer_text(_edit_layers(hp))
         if _has_lam(hp):
             self.lam.value = hp.lam
-        # ROME: a rank-one update exact on its key, scaling C changes nothing; FT-W has no C at all; AlphaEdit
+        # ROME: a rank-one update exact on its key, scaling C changes nothing; FT-L and FT-W have no C; AlphaEdit
         # projects its update instead of weighing C.
         self.lam.disabled = not _has_lam(hp)
 

@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     def fig6a_fig7() -> str:
         study = relation_study(lm, records, plan.relations, plan.per_relation)
         study.plot_relations().savefig(out / "fig6a_relations.png", dpi=130, bbox_inches="tight")
+        study.plot_figure6().savefig(out / "fig6_relations_tradeoff.png", dpi=130, bbox_inches="tight")
         study.plot_mixed().savefig(out / "fig7_mixed.png", dpi=130, bbox_inches="tight")
         return _write(study.summary(), out, "fig6a_fig7_relations",
                       f"MEMIT, {plan.per_relation} edits per relation, alone and all mixed in one batch.")  # fmt: skip

@@ -27,7 +27,7 @@ REQUESTS = [
     EditRequest("The capital of {} is", "Japan", "Paris"),
 ]
 CONTEXTS = ("{}", "Hello. {}")
-TINY_Z = ZParams(steps=10, lr=0.5, clamp=4.0, weight_decay=0.0, kl_weight=0.0)
+TINY_Z = ZParams(steps=10, lr=0.5, clamp=4.0, weight_decay=0.0, kl_weight=0.0, stop="loss")
 LAYERS = (0, 1)
 
 

@@ -92,11 +92,12 @@ def test_edit_prints_probabilities_and_saves_a_model_load_model_reads(
         [{"prompt": "The {} is located in", "subject": "Eiffel Tower", "target_new": "Rome", "target_true": "Paris"}],
     )
     out = tmp_path / "edited"
+    # "ft" is FT-L's old name, kept as an alias so old commands still run
     assert main(["edit", "--model", "tiny-gpt2", "--requests", edits, "--method", "ft", "--save-to", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "ft: 1 edits" in printed and "The Eiffel Tower is located in" in printed and "P(new) after" in printed
     edited, fresh = load_model(str(out)), load_model("tiny-gpt2")
-    # Only W_out of FT's layer differs from the unedited model; the tokenizer came along.
+    # Only W_out of FT-L's layer differs from the unedited model; the tokenizer came along.
     layer = 1  # FtHyperParams.for_model: the middle of default_layers(3) = (0, 1)
     changed = {k for k, v in edited.model.state_dict().items() if not torch.equal(v, fresh.model.state_dict()[k])}
     assert changed == {fresh.adapter.w_out_module(layer) + ".weight"}
@@ -134,7 +135,7 @@ def test_eval_edits_together_with_any_registered_name_and_writes_the_table(
     assert list(table.index) == ["unedited", "rome-seq"] and {"S", "ES", "PS", "NS"} <= set(table.columns)
     with pytest.raises(SystemExit):  # not a registered method: argparse lists the registry's choices
         main(["eval", "--model", "tiny-gpt2", "--method", "mend"])
-    assert "choose from 'memit', 'rome-seq', 'ft', 'alphaedit', 'rome'" in capsys.readouterr().err
+    assert "choose from 'memit', 'rome-seq', 'ft-l', 'ft-w', 'alphaedit', 'rome', 'ft'" in capsys.readouterr().err
 
 
 def test_eval_with_batch_size_edits_batch_after_batch_and_prints_the_diagnostics(

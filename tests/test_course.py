@@ -4,12 +4,17 @@
   the executed solution notebooks show every check passed (nbval re-runs them and compares).
 * Each check fails on the untouched stub, passes on the master's solution, and rejects plausible wrong
   answers with a message that names the case, the expected value, the answer and the specific mistake.
+* No check can be passed by calling memit_lab's own answer: a function that delegates to an exercise's
+  library twin fails with "write it yourself", wherever it imported the twin from, and the twin is put back
+  afterwards; no notebook imports an exercise's twin before that exercise's check.
 * nbgrader: generate the release of one assignment from its solution notebook, autograde a copy whose
   stubs a "student" filled in (full points) and the untouched release (zero on every graded cell).
 """
 
 from __future__ import annotations
 
+import ast
+import importlib
 import importlib.util
 import json
 import os
@@ -24,12 +29,14 @@ from typing import Any
 import pytest
 import torch
 
-from memit_lab import LoadedModel, Trace, checks
-from memit_lab.checks import CheckFailed, CheckResult, NotImplementedYet
+from memit_lab import LoadedModel, Trace, TraceDict, alphaedit, checks, editing, kv_memory, prompts, residual, tracing
+from memit_lab.checks import CalledTheLibrary, CheckFailed, CheckResult, NotImplementedYet
+from memit_lab.checks.core import qualified_name
 from memit_lab.facts import KNOWN_FACTS
-from memit_lab.kv_memory import fit_memory, insertion_update, rome_rank_one_update, single_key_update
+from memit_lab.kv_memory import fit_memory
 from memit_lab.prompts import continuation, last_subject_token, subject_token_span
-from memit_lab.residual import decompose_resid, direct_logit_attribution, freeze_final_norm, lens_logits
+from memit_lab.requests import EditRequest
+from memit_lab.residual import freeze_final_norm
 from memit_lab.tracing import embedding_noise, trace
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,8 +63,8 @@ def _id(value: Any) -> str:
 # -- masters and notebooks ------------------------------------------------------------------------
 
 
-def test_there_are_four_assignments_with_graded_checks() -> None:
-    assert len(MASTERS) >= 4
+def test_there_are_five_assignments_with_graded_checks() -> None:
+    assert [m.stem[:2] for m in MASTERS] == ["01", "02", "03", "04", "05"]
     for master in MASTERS:
         assert len(build.checks_of(master)) >= 3, master.name
 
@@ -159,16 +166,26 @@ def test_has_passed_remembers_the_function_that_passed_until_the_check_fails() -
 # -- wrong answers are rejected with a specific hint ------------------------------------------------------
 
 
+# The wrong answers below compute everything themselves: calling an exercise's library twin would fail the check
+# with "write it yourself" before the mistake they stand for could be named.
+
+
+def _components(cache: Any, layer: int, pos: int) -> torch.Tensor:
+    names = ["embed"] + (["pos_embed"] if "pos_embed" in cache.activations else [])
+    names += [f"blocks.{b}.{part}" for b in range(layer) for part in ("attn_out", "mlp_out")]
+    return torch.stack([cache[name][pos] for name in names])
+
+
 def _components_without_embedding(cache: Any, layer: int, pos: int) -> torch.Tensor:
-    return decompose_resid(cache, layer, pos).vectors[1:]
+    return _components(cache, layer, pos)[1:]
 
 
 def _components_one_block_too_many(cache: Any, layer: int, pos: int) -> torch.Tensor:
-    return decompose_resid(cache, min(layer + 1, cache.n_layers), pos).vectors
+    return _components(cache, min(layer + 1, cache.n_layers), pos)
 
 
 def _components_at_last_position(cache: Any, layer: int, pos: int) -> torch.Tensor:
-    return decompose_resid(cache, layer, -1).vectors
+    return _components(cache, layer, -1)
 
 
 def _lens_without_norm(lm: Any, resid: torch.Tensor) -> torch.Tensor:
@@ -177,7 +194,9 @@ def _lens_without_norm(lm: Any, resid: torch.Tensor) -> torch.Tensor:
 
 
 def _lens_log_probs(lm: Any, resid: torch.Tensor) -> torch.Tensor:
-    return lens_logits(lm, resid).log_softmax(-1)
+    norm, unembed = lm.model.get_submodule(lm.adapter.final_norm), lm.model.get_submodule(lm.adapter.unembed)
+    with torch.no_grad():
+        return unembed(norm(resid)).float().log_softmax(-1)
 
 
 def _top1_where_highest(probs: torch.Tensor, target_id: int) -> int | None:
@@ -192,22 +211,34 @@ def _top1_counting_from_one(probs: torch.Tensor, target_id: int) -> int | None:
 def _attribution_real_norm(lm: Any, cache: Any, target_id: int, pos: int) -> torch.Tensor:
     norm = lm.model.get_submodule(lm.adapter.final_norm)
     with torch.no_grad():
-        normed = norm(decompose_resid(cache, pos=pos).vectors).float()
+        normed = norm(_components(cache, cache.n_layers, pos)).float()
     return normed @ lm.model.get_submodule(lm.adapter.unembed).weight[target_id].float()
 
 
+def _attribution_at(lm: Any, cache: Any, target_id: int, pos: int) -> torch.Tensor:
+    frozen = freeze_final_norm(lm, cache.resid(cache.n_layers)[pos])
+    u = lm.model.get_submodule(lm.adapter.unembed).weight[target_id].float()
+    with torch.no_grad():
+        return frozen.linear(_components(cache, cache.n_layers, pos).float()) @ u
+
+
 def _attribution_at_last_position(lm: Any, cache: Any, target_id: int, pos: int) -> torch.Tensor:
-    return direct_logit_attribution(lm, cache, target_id, -1).attributions
+    return _attribution_at(lm, cache, target_id, -1)
 
 
 def _attribution_with_bias(lm: Any, cache: Any, target_id: int, pos: int) -> torch.Tensor:
     frozen = freeze_final_norm(lm, cache.resid(cache.n_layers)[pos])
     u = lm.model.get_submodule(lm.adapter.unembed).weight[target_id].float()
-    return frozen(decompose_resid(cache, pos=pos).vectors.float()) @ u
+    return frozen(_components(cache, cache.n_layers, pos).float()) @ u
+
+
+def _solve_fit(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    k, m = keys.double(), values.double()
+    return torch.linalg.solve(k @ k.T, k @ m.T).T
 
 
 def _fit_transposed(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    return fit_memory(keys, values).T
+    return _solve_fit(keys, values).T
 
 
 def _fit_without_inverse(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -219,16 +250,22 @@ def _fit_in_float32(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return (m @ k.T @ torch.linalg.inv(k @ k.T)).double()
 
 
+def _eq14(r: torch.Tensor, k: torch.Tensor, c0: torch.Tensor) -> torch.Tensor:
+    """Delta = R K^T (C0 + K K^T)^-1 (eq. 14), without memit_lab."""
+    k = k.double()
+    return torch.linalg.solve(c0.double() + k @ k.T, k @ r.double().T).T
+
+
 def _insert_without_lambda(w0: Any, k1: Any, m1: Any, moment: Any, lam: float) -> torch.Tensor:
-    return insertion_update(m1 - w0 @ k1, k1, moment)
+    return _eq14(m1 - w0 @ k1, k1, moment)
 
 
 def _insert_with_m1_for_r(w0: Any, k1: Any, m1: Any, moment: Any, lam: float) -> torch.Tensor:
-    return insertion_update(m1, k1, lam * moment)
+    return _eq14(m1, k1, lam * moment)
 
 
 def _insert_transposed(w0: Any, k1: Any, m1: Any, moment: Any, lam: float) -> torch.Tensor:
-    return insertion_update(m1 - w0 @ k1, k1, lam * moment).T
+    return _eq14(m1 - w0 @ k1, k1, lam * moment).T
 
 
 def _rank_one_rome_denominator(r: Any, k: Any, c0: Any) -> torch.Tensor:
@@ -237,7 +274,8 @@ def _rank_one_rome_denominator(r: Any, k: Any, c0: Any) -> torch.Tensor:
 
 
 def _rank_one_transposed(r: Any, k: Any, c0: Any) -> torch.Tensor:
-    return single_key_update(r, k, c0).T
+    u = torch.linalg.solve(c0, k)
+    return (torch.outer(r, u) / (1 + k @ u)).T
 
 
 def _rome_with_one_plus(w: Any, k: Any, v: Any, c: Any) -> torch.Tensor:
@@ -246,7 +284,8 @@ def _rome_with_one_plus(w: Any, k: Any, v: Any, c: Any) -> torch.Tensor:
 
 
 def _rome_value_for_residual(w: Any, k: Any, v: Any, c: Any) -> torch.Tensor:
-    return rome_rank_one_update(torch.zeros_like(w), k, v, c)
+    u = torch.linalg.solve(c, k)
+    return torch.outer(v, u) / (k @ u)
 
 
 def _position_last_token(tokenizer: Any, prompt: str, subject: str) -> int:
@@ -254,7 +293,9 @@ def _position_last_token(tokenizer: Any, prompt: str, subject: str) -> int:
 
 
 def _position_first_subject_token(tokenizer: Any, prompt: str, subject: str) -> int:
-    return subject_token_span(tokenizer, prompt, subject)[0]
+    start = prompt.index(subject)
+    offsets = tokenizer(prompt, return_offsets_mapping=True).offset_mapping
+    return min(i for i, (a, b) in enumerate(offsets) if b > a and b > start)
 
 
 def _nll_at_positions(
@@ -316,15 +357,15 @@ def _key_weighted_like_memit(lm: Any, layer: int, prompts: list[str], subject: s
 
 
 def _update_without_spread(keys: Any, residuals: Any, layer: int, layers: list[int], c0: Any) -> torch.Tensor:
-    return insertion_update(residuals, keys, c0)
+    return _eq14(residuals, keys, c0)
 
 
 def _update_spread_evenly(keys: Any, residuals: Any, layer: int, layers: list[int], c0: Any) -> torch.Tensor:
-    return insertion_update(residuals / len(layers), keys, c0)
+    return _eq14(residuals / len(layers), keys, c0)
 
 
 def _update_off_by_one(keys: Any, residuals: Any, layer: int, layers: list[int], c0: Any) -> torch.Tensor:
-    return insertion_update(residuals / max(1, max(layers) - layer), keys, c0)
+    return _eq14(residuals / max(1, max(layers) - layer), keys, c0)
 
 
 def _corrupt_by_replacing(embeds: torch.Tensor, span: tuple[int, int], noise: torch.Tensor) -> torch.Tensor:
@@ -380,6 +421,106 @@ def _strongest_is_last(scores: torch.Tensor, span: tuple[int, int]) -> int:
 
 def _strongest_anywhere(scores: torch.Tensor, span: tuple[int, int]) -> int:
     return int(scores.max(0).values.argmax())
+
+
+def _restored_modules(
+    lm: Any, prompt: str, subject: str, target_id: int, names: list[str], pos: int, noise: Any
+) -> float:
+    """P(target) with ``noise`` on the subject's embeddings and the outputs of ``names`` restored at ``pos``."""
+    span = subject_token_span(lm.tokenizer, prompt, subject)
+    enc = lm.tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad(), TraceDict(lm.model, names) as clean:
+        lm.model(**enc)
+
+    def corrupt(out: torch.Tensor, name: str) -> torch.Tensor:
+        out = out.clone()
+        out[0, span[0] : span[1]] += noise
+        return out
+
+    def restore(out: torch.Tensor, name: str) -> torch.Tensor:
+        out = out.clone()
+        out[0, pos] = clean[name].output[0, pos]
+        return out
+
+    with (
+        torch.no_grad(),
+        Trace(lm.model, lm.adapter.embed, edit_output=corrupt),
+        TraceDict(lm.model, names, edit_output=restore),
+    ):
+        logits = lm.model(**enc).logits
+    return float(logits[0, -1].softmax(-1)[target_id])
+
+
+def _window_centre_only(
+    lm: Any, prompt: str, subject: str, target_id: int, layer: int, window: int, pos: int, noise: Any
+) -> float:
+    return _restored_modules(lm, prompt, subject, target_id, [lm.adapter.mlp_module(layer)], pos, noise)
+
+
+def _window_upward(
+    lm: Any, prompt: str, subject: str, target_id: int, layer: int, window: int, pos: int, noise: Any
+) -> float:
+    names = [lm.adapter.mlp_module(w) for w in range(layer, min(lm.n_layers, layer + window))]
+    return _restored_modules(lm, prompt, subject, target_id, names, pos, noise)
+
+
+def _window_of_hidden_states(
+    lm: Any, prompt: str, subject: str, target_id: int, layer: int, window: int, pos: int, noise: Any
+) -> float:
+    low = layer - window // 2
+    names = [lm.adapter.block(w) for w in range(max(0, low), min(lm.n_layers, low + window))]
+    return _restored_modules(lm, prompt, subject, target_id, names, pos, noise)
+
+
+def _projector_above(second_moment: torch.Tensor, threshold: float) -> torch.Tensor:
+    eigenvalues, vectors = torch.linalg.eigh(second_moment.double())
+    kept = vectors[:, eigenvalues >= threshold]
+    return kept @ kept.T
+
+
+def _projector_from_rows(second_moment: torch.Tensor, threshold: float) -> torch.Tensor:
+    eigenvalues, vectors = torch.linalg.eigh(second_moment.double())
+    rows = vectors[eigenvalues < threshold]
+    return rows.T @ rows
+
+
+def _projector_small_gram(second_moment: torch.Tensor, threshold: float) -> torch.Tensor:
+    eigenvalues, vectors = torch.linalg.eigh(second_moment.double())
+    null = vectors[:, eigenvalues < threshold]
+    return null.T @ null
+
+
+def _shares_of_dimensions(c: torch.Tensor, p: torch.Tensor, k: torch.Tensor) -> tuple[float, float]:
+    return float(p.trace() / len(p)), float(((p @ k).pow(2).sum(0) / k.pow(2).sum(0)).mean())
+
+
+def _shares_not_squared(c: torch.Tensor, p: torch.Tensor, k: torch.Tensor) -> tuple[float, float]:
+    return float((p @ c).trace() / c.trace()), float(((p @ k).norm(dim=0) / k.norm(dim=0)).mean())
+
+
+def _shares_pooled(c: torch.Tensor, p: torch.Tensor, k: torch.Tensor) -> tuple[float, float]:
+    return float((p @ c).trace() / c.trace()), float((p @ k).pow(2).sum() / k.pow(2).sum())
+
+
+def _projected(
+    r: torch.Tensor, k: torch.Tensor, p: torch.Tensor, alpha: float, preserved: Any, *, rhs_p: bool, system_p: bool
+) -> torch.Tensor:
+    gram = k @ k.T + (0 if preserved is None else preserved)
+    eye = torch.eye(len(p), dtype=torch.float64)
+    system = (p @ gram if system_p else gram) + alpha * eye
+    return torch.linalg.solve(system, (p if rhs_p else eye) @ k @ r.T).T
+
+
+def _projected_without_p_on_the_right(r: Any, k: Any, p: Any, alpha: float, preserved: Any = None) -> torch.Tensor:
+    return _projected(r, k, p, alpha, preserved, rhs_p=False, system_p=True)
+
+
+def _projected_without_p_in_the_system(r: Any, k: Any, p: Any, alpha: float, preserved: Any = None) -> torch.Tensor:
+    return _projected(r, k, p, alpha, preserved, rhs_p=True, system_p=False)
+
+
+def _projected_forgetting_earlier_edits(r: Any, k: Any, p: Any, alpha: float, preserved: Any = None) -> torch.Tensor:
+    return _projected(r, k, p, alpha, None, rhs_p=True, system_p=True)
 
 
 def _raises_value_error(*args: Any) -> Any:
@@ -455,6 +596,26 @@ WRONG: dict[str, list[tuple[Callable[..., Any], str]]] = {
         (_rome_with_one_plus, "no 1 +"),
         (_rome_value_for_residual, "the residual is v - W k"),
     ],
+    "check_restored_mlp_window": [
+        (_window_centre_only, "only the centre layer's MLP"),
+        (_window_upward, "the window starts at `layer`"),
+        (_window_of_hidden_states, "those are the hidden states"),
+    ],
+    "check_null_space_projector": [
+        (_projector_above, "*above* the threshold"),
+        (_projector_from_rows, "*columns*"),
+        (_projector_small_gram, "not Û^T Û"),
+    ],
+    "check_energy_shares": [
+        (_shares_of_dimensions, "share of *dimensions*"),
+        (_shares_not_squared, "not squared"),
+        (_shares_pooled, "pooled"),
+    ],
+    "check_projected_update": [
+        (_projected_without_p_on_the_right, "the P on the right-hand side is missing"),
+        (_projected_without_p_in_the_system, "the P inside the system is missing"),
+        (_projected_forgetting_earlier_edits, "K_p K_p^T are missing"),
+    ],
 }
 WRONG_CASES = [(check, fn, words) for check, cases in WRONG.items() for fn, words in cases]
 
@@ -481,6 +642,183 @@ def test_a_function_that_crashes_is_reported_with_the_input_that_broke_it() -> N
         checks.check_rank_one_update(_raises_value_error)
     assert "raised an error on this input" in failure.value.hint
     assert "random r [3], k [5]" in failure.value.case
+
+
+# -- the library's own answers are refused -----------------------------------------------------------------------
+
+
+def _nll_through_target_scores(lm: Any, texts: list[str], subject: str, target: str, layer: int, delta: Any) -> Any:
+    pos = [last_subject_token(lm.tokenizer, p, subject) for p in texts]
+    rows = torch.arange(len(texts))
+
+    def add(out: torch.Tensor, name: str) -> torch.Tensor:
+        out = out.clone()
+        out[rows, pos] = out[rows, pos] + delta
+        return out
+
+    with Trace(lm.model, lm.adapter.block(layer), edit_output=add, detach=False):
+        return -prompts.target_scores(lm, texts, [target] * len(texts)).mean_logprob.mean()
+
+
+_ORIGINALS = [fit_memory]  # out of reach of the refusal, which replaces names in namespaces, not list entries
+
+# check -> functions that only delegate to one of its twins: each must fail, naming the twin
+DELEGATES: dict[str, list[tuple[Callable[..., Any], Callable[..., Any]]]] = {
+    "check_residual_components": [
+        (lambda c, layer, pos: residual.decompose_resid(c, layer, pos).vectors, residual.decompose_resid)
+    ],
+    "check_lens_probs": [(lambda lm, h: residual.lens_logits(lm, h).softmax(-1), residual.lens_logits)],
+    "check_direct_attribution": [
+        (
+            lambda lm, c, t, pos: residual.direct_logit_attribution(lm, c, t, pos).attributions,
+            residual.direct_logit_attribution,
+        )
+    ],
+    "check_corrupt_subject": [
+        (lambda e, span, noise: tracing._add_noise(noise, span)(e[None], "")[0], tracing._add_noise)
+    ],
+    "check_restored_probability": [
+        (
+            lambda lm, prompt, subject, t, layer, pos, noise: tracing.restored_prob(
+                lm, prompt, subject, [("hidden", layer, pos)], target=t, samples=1
+            ),
+            tracing.restored_prob,
+        ),
+        (
+            lambda lm, prompt, subject, t, layer, pos, noise: float(
+                tracing.trace(lm, prompt, subject, t, samples=1, positions=[pos]).scores[layer, pos]
+            ),
+            tracing.trace,
+        ),
+    ],
+    "check_restored_mlp_window": [
+        (
+            lambda lm, prompt, subject, t, layer, window, pos, noise: float(
+                tracing.trace(lm, prompt, subject, t, kind="mlp", window=window, samples=1, positions=[pos]).scores[
+                    layer, pos
+                ]
+            ),
+            tracing.trace,
+        ),
+    ],
+    "check_fit_memory": [(kv_memory.fit_memory, kv_memory.fit_memory)],
+    "check_insert_memories": [
+        (lambda w0, k1, m1, c, lam: kv_memory.insertion_update(m1 - w0 @ k1, k1, lam * c), kv_memory.insertion_update)
+    ],
+    "check_rank_one_update": [
+        (kv_memory.single_key_update, kv_memory.single_key_update),
+        (lambda r, k, c0: kv_memory.insertion_update(r[:, None], k[:, None], c0), kv_memory.insertion_update),
+    ],
+    "check_rome_update": [(kv_memory.rome_rank_one_update, kv_memory.rome_rank_one_update)],
+    "check_edit_position": [
+        (prompts.last_subject_token, prompts.last_subject_token),
+        (
+            lambda tok, prompt, subject: prompts.subject_token_span(tok, prompt, subject)[1] - 1,
+            prompts.subject_token_span,
+        ),
+    ],
+    "check_nll_with_delta": [(_nll_through_target_scores, prompts.target_scores)],
+    "check_average_key": [
+        (
+            lambda lm, layer, ps, subject: editing.edit_keys(
+                lm, [EditRequest(p.replace(subject, "{}", 1), subject, "Rome") for p in ps], layer, ("{}",)
+            ).mean(1),
+            editing.edit_keys,
+        )
+    ],
+    "check_layer_update": [
+        (
+            lambda k, r, layer, layers, c0: kv_memory.insertion_update(r / (max(layers) - layer + 1), k, c0),
+            kv_memory.insertion_update,
+        )
+    ],
+    "check_null_space_projector": [(alphaedit.null_space_projector, alphaedit.null_space_projector)],
+    "check_energy_shares": [
+        (
+            lambda c, p, k: tuple(
+                alphaedit.null_space_report(c, [1e-2], k).iloc[0][["old_energy", "edit_energy"]].tolist()
+            ),
+            alphaedit.null_space_report,
+        )
+    ],
+    "check_projected_update": [(alphaedit.null_space_update, alphaedit.null_space_update)],
+}
+DELEGATE_CASES = [(check, fn, twin) for check, pairs in DELEGATES.items() for fn, twin in pairs]
+
+
+def test_every_check_with_a_library_twin_is_tried_on_a_function_that_delegates_to_it() -> None:
+    with_twins = {name for name, check in checks.CHECKS.items() if check.twins}
+    assert with_twins == set(DELEGATES)
+    assert set(checks.CHECKS) - with_twins == {"check_first_top1_layer", "check_strongest_subject_token"}
+    for name, pairs in DELEGATES.items():
+        assert {twin for _, twin in pairs} <= set(checks.CHECKS[name].twins), name
+
+
+@pytest.mark.parametrize(("check", "delegate", "twin"), DELEGATE_CASES, ids=lambda v: getattr(v, "__name__", str(v)))
+def test_a_function_that_calls_the_library_answer_fails_and_the_library_is_put_back(
+    check: str, delegate: Callable[..., Any], twin: Callable[..., Any]
+) -> None:
+    module = importlib.import_module(twin.__module__)
+    with pytest.raises(CalledTheLibrary) as failure:
+        getattr(checks, check)(delegate, pending_ok=True)  # pending_ok must not hide it either
+    assert "write it yourself: " in failure.value.hint
+    assert f"calls {qualified_name(twin)}" in failure.value.hint, str(failure.value)
+    assert failure.value.got == f"a call to {qualified_name(twin)}"
+    assert getattr(module, twin.__name__) is twin  # restored where it lives ...
+    assert fit_memory is _ORIGINALS[0]  # ... and where this module imported one
+
+
+def test_the_refusal_reaches_a_notebook_import_and_survives_a_broad_except() -> None:
+    namespace: dict[str, Any] = {}
+    exec(  # a notebook's own import, in a namespace no module holds
+        "from memit_lab.kv_memory import fit_memory as mine\n"
+        "def fit(keys, values):\n"
+        "    return mine(keys, values)\n"
+        "def careful(keys, values):\n"
+        "    try:\n"
+        "        return mine(keys, values)\n"
+        "    except BaseException:\n"
+        "        return (values @ keys.T).double()\n",
+        namespace,
+    )
+    for name in ("fit", "careful"):
+        with pytest.raises(CalledTheLibrary, match=r"calls memit_lab\.kv_memory\.fit_memory"):
+            checks.check_fit_memory(namespace[name])
+    assert namespace["mine"] is fit_memory is _ORIGINALS[0]
+
+
+TWIN_SOLUTIONS = [(master, check, fn) for master, check, fn, _ in CHECK_CELLS if checks.CHECKS[check].twins]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("master", "check", "function"), TWIN_SOLUTIONS, ids=_id)
+def test_the_masters_solution_passes_with_its_twins_refused(master: Path, check: str, function: str) -> None:
+    """The other half of the refusal: the real solution never needs the library's answer (nbval re-runs the
+    solution notebooks too; this runs the check alone, on the solution as the master defines it)."""
+    solution = build.exercise_namespace(master, "solutions")[function]
+    assert getattr(checks, check)(solution).passed
+
+
+def _imported_objects(source: str) -> set[int]:
+    """ids of the objects a cell's ``from module import name`` statements bind."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            module = importlib.import_module(node.module)
+            found.update(id(getattr(module, alias.name)) for alias in node.names if hasattr(module, alias.name))
+    return found
+
+
+@pytest.mark.parametrize("master", MASTERS, ids=_id)
+def test_no_notebook_imports_an_exercises_twin_before_its_check(master: Path) -> None:
+    imported: set[int] = set()
+    for cell in build.parse_master(master):
+        if cell.kind == "check" and (match := build.CHECK_CALL.match(cell.source)):
+            early = [qualified_name(t) for t in checks.CHECKS[match.group(1)].twins if id(t) in imported]
+            assert not early, f"{master.name} imports {early} before {match.group(1)}"
+        elif cell.kind != "markdown":
+            imported |= _imported_objects(cell.source)
+            assert "# fmt:" not in cell.source and "noqa" not in cell.source, f"{master.name}: {cell.grade_id}"
 
 
 def test_restoration_check_hands_out_exactly_the_noise_memit_lab_tracing_draws(smollm: LoadedModel) -> None:
@@ -536,7 +874,8 @@ def test_nbgrader_round_trip_full_points_when_filled_in_zero_when_untouched(tmp_
     name = master.stem
     (tmp_path / "source" / "a3").mkdir(parents=True)
     shutil.copy(build.notebook_path(master, "solutions"), tmp_path / "source" / "a3" / f"{name}.ipynb")
-    (tmp_path / "nbgrader_config.py").write_text('c = get_config()\nc.CourseDirectory.course_id = "memit_lab"\n')
+    config = 'c = get_config()\nc.CourseDirectory.course_id = "memit_lab"\nc.Execute.timeout = 600\n'  # the README's
+    (tmp_path / "nbgrader_config.py").write_text(config)
     _nbgrader(tmp_path, "generate_assignment", "a3", "--force")
 
     release = json.loads((tmp_path / "release" / "a3" / f"{name}.ipynb").read_text())

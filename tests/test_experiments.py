@@ -31,6 +31,7 @@ from memit_lab.layer_choice import memit_defaults
 from memit_lab.limitations import subject_at_first_token
 from memit_lab.memit import MemitHyperParams
 from memit_lab.requests import EditRequest
+from memit_lab.rome import RomeHyperParams
 from memit_lab.zopt import ZParams, ZResult, optimise_z
 
 
@@ -117,6 +118,33 @@ def test_memit_cells_of_a_sweep_share_one_z_optimisation(tmp_path: Path, monkeyp
     pd.testing.assert_frame_equal(shared[["es", "ps", "ns"]], alone[["es", "ps", "ns"]])
     for col in ("em", "pm", "nm"):
         assert shared[col].tolist() == pytest.approx(alone[col].tolist(), abs=1e-4)
+
+
+def test_rome_cells_of_a_sweep_come_from_one_sequential_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MEMIT_LAB_CACHE", str(tmp_path))
+    lm = load_model("tiny-gpt2")
+    records = _records(3)
+    hp = RomeHyperParams(layer=1, z=ZParams(steps=4, n_contexts=2), stats_tokens=2048)
+    edited: list[int] = []
+    real = experiments.apply_rome
+
+    def counted(lm: LoadedModel, requests: list[EditRequest], *args: Any, **kwargs: Any) -> Any:
+        edited.append(len(requests))
+        return real(lm, requests, *args, **kwargs)
+
+    monkeypatch.setattr(experiments, "apply_rome", counted)
+    snap = WeightSnapshot(lm)
+    sweep = scaling_sweep(lm, records, ns=[1, 3], methods=["rome-seq"], hparams={"rome-seq": hp}, progress=False)
+    assert snap.unchanged() and edited == [3]  # one run of 3 edits, scored after its 1st and 3rd
+    # each prefix scores exactly as a run of that many edits alone (a fresh cache, no sharing)
+    monkeypatch.setattr(experiments, "apply_rome", real)
+    for n in (1, 3):
+        alone = run_edits(lm, records[:n], "rome-seq", hparams=hp, progress=False)
+        cell = sweep.frame[(sweep.frame.method == "rome-seq") & (sweep.frame.n == n)].reset_index(drop=True)
+        for col in ("es", "ps", "ns", "em", "pm", "nm"):
+            assert cell[col].tolist() == pytest.approx(alone[col].tolist(), abs=1e-6), (n, col)
+    seconds = sweep.seconds[sweep.seconds.method == "rome-seq"].set_index("n").edit_seconds
+    assert 0 < seconds[1] < seconds[3]
 
 
 def test_sweep_summary_table_and_plot() -> None:
@@ -214,9 +242,9 @@ def test_memit_writes_ten_known_facts_and_run_edits_restores_every_weight(smollm
 
 def test_hparams_table_lists_each_methods_own_defaults() -> None:
     lm = load_model("tiny-gpt2")
-    table = experiments.hparams_table(lm, ["memit", "ft"])
-    memit, ft = default_hparams(lm, "memit"), default_hparams(lm, "ft")
+    table = experiments.hparams_table(lm, ["memit", "ft-l"])
+    memit, ft = default_hparams(lm, "memit"), default_hparams(lm, "ft-l")
     assert table.loc["layers", "memit"] == "-".join(map(str, memit.layers))
     assert table.loc["z.clamp", "memit"] == memit.z.clamp and table.loc["lam", "memit"] == memit.lam
-    assert table.loc["steps", "ft"] == ft.steps and type(table.loc["steps", "ft"]) is int
-    assert table.loc["lam", "ft"] == "" and table.loc["norm_constraint", "memit"] == ""
+    assert table.loc["steps", "ft-l"] == ft.steps and type(table.loc["steps", "ft-l"]) is int
+    assert table.loc["lam", "ft-l"] == "" and table.loc["norm_constraint", "memit"] == ""

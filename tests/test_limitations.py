@@ -14,6 +14,7 @@ from memit_lab.limitations import (
     TWO_WAY_FACTS,
     direction_scores,
     efficacy_by_prefix,
+    final_norm_norms,
     forward_requests,
     inverse_requests,
     residual_norms,
@@ -94,6 +95,35 @@ def test_residual_norms_are_the_norms_of_each_block_output() -> None:
         assert frame["other tokens"][row] == pytest.approx(float(norms[1:].mean()), rel=1e-5)
     with pytest.raises(ValueError, match="one token"):
         residual_norms(lm, "A")
+
+
+def test_final_norm_norms_before_are_the_last_block_and_after_are_closed_form(tiny_lm: LoadedModel) -> None:
+    lm, prompt = tiny_lm, "The Eiffel Tower is located in the city of"
+    ids = lm.tokenizer(prompt, return_tensors="pt").input_ids
+    norm = lm.model.get_submodule(lm.adapter.final_norm)
+    with torch.no_grad():  # gamma = 1 (and beta = 0): the norm is then x / s(x) exactly, whatever x's length
+        norm.weight.fill_(1.0)
+        if getattr(norm, "bias", None) is not None:
+            norm.bias.zero_()
+    frame = final_norm_norms(lm, prompt)
+    with Trace(lm.model, lm.adapter.block(lm.n_layers - 1)) as last:
+        lm.model(input_ids=ids)
+    out = last.output[0] if isinstance(last.output, tuple) else last.output
+    before, x = out[0].norm(dim=-1), out[0].double()  # [pos], [pos, d_model]
+    if lm.adapter.centred_norm:
+        x = x - x.mean(-1, keepdim=True)
+    eps = getattr(norm, "eps", None) or norm.variance_epsilon
+    s2 = x.pow(2).mean(-1)  # RMS^2, or the variance after centring
+    after = (lm.d_model * s2 / (s2 + eps)).sqrt()  # || x / sqrt(s^2 + eps) ||
+    assert frame.loc["first token", "before final norm"] == pytest.approx(float(before[0]), rel=1e-5)
+    assert frame.loc["other tokens", "before final norm"] == pytest.approx(float(before[1:].mean()), rel=1e-5)
+    assert frame.loc["first token", "after final norm"] == pytest.approx(float(after[0]), rel=1e-4)
+    assert frame.loc["other tokens", "after final norm"] == pytest.approx(float(after[1:].mean()), rel=1e-4)
+
+
+def test_final_norm_norms_refuses_a_one_token_prompt() -> None:
+    with pytest.raises(ValueError, match="one token"):
+        final_norm_norms(load_model("tiny-gpt2"), "A")  # GPT-2 adds no BOS token: one token, nothing to compare
 
 
 def test_an_edit_of_a_first_token_subject_is_read_only_after_a_prefix(restored_smollm: LoadedModel) -> None:

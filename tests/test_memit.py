@@ -22,7 +22,7 @@ REQUESTS = [
 CONTEXTS = ("{}", "Paris is the capital of France. {}", "Hello. {}")
 # Tiny random models have small hidden states (norm ~0.3): the paper's weight decay, scaled by
 # 1/||h||^2, would dominate, so the tiny-model checks switch it and the KL term off.
-TINY_Z = ZParams(steps=10, lr=0.5, clamp=4.0, weight_decay=0.0, kl_weight=0.0)
+TINY_Z = ZParams(steps=10, lr=0.5, clamp=4.0, weight_decay=0.0, kl_weight=0.0, stop="loss")
 
 
 def _tiny_moments(lm: LoadedModel, layers: tuple[int, ...]) -> dict[int, torch.Tensor]:
@@ -110,7 +110,7 @@ def test_converged_request_stops_and_keeps_its_delta(tiny_lm: LoadedModel) -> No
 
 
 def test_delta_is_clamped_relative_to_h(tiny_lm: LoadedModel) -> None:
-    params = ZParams(steps=6, lr=5.0, clamp=0.3, weight_decay=0.0, kl_weight=0.0)
+    params = ZParams(steps=6, lr=5.0, clamp=0.3, weight_decay=0.0, kl_weight=0.0, stop="loss")
     res = optimise_z(tiny_lm, REQUESTS, 1, params, contexts=CONTEXTS)
     ratio = res.delta.norm(dim=-1) / res.h.norm(dim=-1)
     assert (ratio <= 0.3 + 1e-5).all() and (ratio > 0.29).any()

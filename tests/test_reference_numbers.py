@@ -154,6 +154,7 @@ def _zparams() -> ZParams:
         kl_weight=z["kl_weight"],
         clamp=z["clamp"],
         stop_loss=z["stop_loss"],
+        stop="loss",  # the reference's stopping (plateau stopping is memit_lab's own default)
     )
 
 
@@ -228,6 +229,7 @@ def _rome_in_memit_lab_terms(lm: LoadedModel) -> RomeHyperParams:
         kl_weight=rome["kl_weight"],
         clamp=rome["clamp_of_m"] * m / h,
         stop_loss=0.05,
+        stop="loss",
     )
     return RomeHyperParams(layer=rome["layer"], z=z)
 

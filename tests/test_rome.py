@@ -23,7 +23,7 @@ REQUESTS = [
 CONTEXTS = ("{}", "Paris is the capital of France. {}", "Hello. {}")
 LAYER = 1
 # Tiny random models have small hidden states: the paper's decay (scaled by 1/||h||^2) would dominate.
-TINY = RomeHyperParams(layer=LAYER, z=ZParams(steps=8, clamp=4.0, weight_decay=0.0, kl_weight=0.0))
+TINY = RomeHyperParams(layer=LAYER, z=ZParams(steps=8, clamp=4.0, weight_decay=0.0, kl_weight=0.0, stop="loss"))
 
 
 def _moments(lm: LoadedModel) -> dict[int, torch.Tensor]:

@@ -164,3 +164,11 @@ def test_bad_input_errors_before_anything_changes(kwargs: dict, error: type, mat
     with pytest.raises(error, match=match):
         run_sequential(lm, records, (method,), **options)
     assert saved.unchanged()
+
+
+def test_ft_w_is_refused_before_anything_changes() -> None:
+    lm = load_model("tiny-gpt2")
+    saved = WeightSnapshot(lm)
+    with pytest.raises(ValueError, match="FT-W changes a whole block"):
+        edit_sequentially(lm, load_factset(n=2), "ft-w", batch_size=1, progress=False)
+    assert saved.unchanged()

@@ -46,6 +46,8 @@ def test_relation_study_runs_each_relation_alone_and_all_mixed() -> None:
     summary = study.summary()
     assert list(summary.columns) == ["S", "ES", "PS", "NS"] and len(summary) == 6
     assert len(study.plot_relations().axes) == 3 and len(study.plot_mixed().axes) == 3
+    fig6 = study.plot_figure6()
+    assert {t.get_text() for t in fig6.axes[0].texts} == set(study.summary().xs("alone", level="condition").index)
 
 
 def test_relation_study_refuses_too_few_records_before_editing() -> None:

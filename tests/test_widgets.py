@@ -378,7 +378,7 @@ def test_the_buttons_call_the_same_functions(gpt2: LoadedModel) -> None:
     assert parse_layers(explorer.edit.layers.value, gpt2.n_layers) == explorer.trace.result.layers
     explorer.edit.method.value = "ROME"
     assert explorer.edit.layers.value == "1" and explorer.edit.lam.disabled
-    explorer.edit.method.value = "FT-W"
+    explorer.edit.method.value = "FT-L"
     assert explorer.edit.layers.value == str(FtHyperParams.for_model(gpt2).layer) and explorer.edit.lam.disabled
     explorer.edit.method.value = "MEMIT"
     assert explorer.edit.layers.value == "0-1" and not explorer.edit.lam.disabled

@@ -26,7 +26,7 @@ REQUESTS = [
 ]
 CONTEXTS = ("{}", "Paris is the capital of France. {}", "Hello. {}")
 # Tiny random models have small hidden states: the weight decay and KL weights are scaled down to matter, not rule.
-TINY_Z = ZParams(steps=8, lr=0.5, clamp=4.0, weight_decay=0.01, kl_weight=0.05, stop_loss=0.0)
+TINY_Z = ZParams(steps=8, lr=0.5, clamp=4.0, weight_decay=0.01, kl_weight=0.05, stop_loss=0.0, stop="loss")
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,8 @@
 """Checks of assignment 2, causal tracing (ROME section 2).
 
-References: :func:`memit_lab.tracing.trace` with exactly the noise it draws (2.2) and its heatmaps
-(2.3), on tiny models and the bundled model.
+References: :func:`memit_lab.tracing.trace` with exactly the noise it draws: hidden states (2.2), MLP
+outputs restored over a window of layers (2.3, ``kind="mlp"``), its heatmaps (2.4), on tiny models and
+the bundled model.
 """
 
 from __future__ import annotations
@@ -12,21 +13,29 @@ from typing import Any
 
 import torch
 
-from ..facts import KNOWN_FACTS
+from ..facts import KNOWN_FACTS, Fact
 from ..models import LoadedModel, load_model
 from ..prompts import subject_token_span
-from ..tracing import embedding_noise, trace
+from ..tracing import _add_noise, embedding_noise, restored_prob, restored_window, trace, trace_all
 from .answers import describe, one_number, scalar
 from .core import Case, Property, exercise
 from .inputs import BUNDLED, generator
 
-__all__ = ["check_corrupt_subject", "check_restored_probability", "check_strongest_subject_token"]
+__all__ = [
+    "check_corrupt_subject",
+    "check_restored_mlp_window",
+    "check_restored_probability",
+    "check_strongest_subject_token",
+]
+
+#: memit_lab's restorations, refused while a student's restoration runs
+_TRACING = (trace, trace_all, restored_prob)
 
 
 # -- 2.1 corrupting the subject ----------------------------------------------------------------------
 
 
-@exercise
+@exercise(_add_noise)
 def check_corrupt_subject() -> Iterator[Case]:
     """Exercise 2.1: ``fn(embeds, span, noise)`` -> the embeddings with ``noise`` added at the subject's tokens.
 
@@ -105,7 +114,7 @@ def _tracing_noise(
     return noise
 
 
-@exercise
+@exercise(*_TRACING)
 def check_restored_probability() -> Iterator[Case]:
     """Exercise 2.2: ``fn(lm, prompt, subject, target_id, layer, pos, noise)`` -> P(target) with one state restored.
 
@@ -129,10 +138,7 @@ def check_restored_probability() -> Iterator[Case]:
         span = subject_token_span(lm.tokenizer, fact.prompt, fact.subject)
         n_pos = len(lm.tokenizer(fact.prompt).input_ids)
         pos = {"subject_last": span[1] - 1, "before": span[0] - 1, "last": n_pos - 1}[where]
-        with torch.no_grad():
-            logits = lm.model(**lm.tokenizer(fact.prompt, return_tensors="pt").to(lm.device)).logits
-        target_id = int(logits[0, -1].argmax())
-        scale = embedding_noise(lm)
+        target_id, scale = _top_token(lm, fact.prompt), embedding_noise(lm)
         reference = trace(lm, fact.prompt, fact.subject, target_id, noise=scale, samples=1, seed=seed, positions=[pos])
         expected, clean, corrupted = float(reference.scores[layer, pos]), reference.clean_prob, reference.corrupted_prob
         noise = _tracing_noise(lm, fact.prompt, fact.subject, scale, seed, target_id, corrupted)
@@ -181,12 +187,94 @@ def _unchanged_before_clean_at_the_end(where: str, clean: float, corrupted: floa
         )
 
 
-# -- 2.3 reading the heatmap ----------------------------------------------------------------------
+# -- 2.3 MLP outputs restored over a window of layers -----------------------------------------------------------
 
 
-@exercise
+@exercise(*_TRACING, restored_window)
+def check_restored_mlp_window() -> Iterator[Case]:
+    """Exercise 2.3: ``fn(lm, prompt, subject, target_id, layer, window, pos, noise)`` -> P(target) with the MLP
+    outputs of ``window`` layers around ``layer`` restored at ``pos``.
+
+    The window is ROME's: ``window // 2`` layers below ``layer``, the rest from ``layer`` up, cut at the
+    model's first and last layer. The reference is :func:`memit_lab.tracing.trace` with ``kind="mlp"`` and
+    the same noise (one sample). Property checked first: restoring before the subject changes nothing.
+    """
+    # the bundled model first: a tiny random model's MLPs barely move P(target), so wrong windows can agree there
+    cases = [
+        (BUNDLED, KNOWN_FACTS[0], 4, 6, "subject_last"),
+        ("tiny-gpt2", KNOWN_FACTS[1], 1, 2, "subject_last"),
+        ("tiny-llama", KNOWN_FACTS[4], 0, 3, "subject_last"),
+        (BUNDLED, KNOWN_FACTS[2], 27, 5, "last"),
+        (BUNDLED, KNOWN_FACTS[0], 12, 4, "before"),
+    ]
+    for seed, (model, fact, layer, window, where) in enumerate(cases, start=61):
+        lm = load_model(model)
+        span = subject_token_span(lm.tokenizer, fact.prompt, fact.subject)
+        n_pos = len(lm.tokenizer(fact.prompt).input_ids)
+        pos = {"subject_last": span[1] - 1, "before": span[0] - 1, "last": n_pos - 1}[where]
+        target_id, scale = _top_token(lm, fact.prompt), embedding_noise(lm)
+        run = partial(trace, lm, fact.prompt, fact.subject, target_id, noise=scale, samples=1, seed=seed)
+        reference = run(kind="mlp", window=window, positions=[pos])
+        expected, corrupted = float(reference.scores[layer, pos]), reference.corrupted_prob
+        noise = _tracing_noise(lm, fact.prompt, fact.subject, scale, seed, target_id, corrupted)
+        layers = list(restored_window(layer, window, lm.n_layers))
+        yield Case(
+            f"{model}, {fact.prompt!r}, MLPs of a window of {window} around layer {layer} at pos {pos} "
+            f"({where.replace('_', ' ')})",
+            (lm, fact.prompt, fact.subject, target_id, layer, window, pos, noise.clone()),
+            torch.tensor(expected),
+            hint=f"restore the MLP outputs (lm.adapter.mlp_module) of layers {layers[0]}..{layers[-1]} at `pos`, "
+            "in one corrupted run (memit_lab.tracing.trace(..., kind='mlp', window=window).scores[layer, pos])",
+            mistakes=partial(_window_mistakes, lm, fact, target_id, scale, seed, layer, window, pos),
+            shape_hint="return one number: P(target_id) at the last position",
+            # only the property before the subject applies: restored MLPs at the last token are not the clean run
+            before=partial(
+                _unchanged_before_clean_at_the_end, where if where == "before" else "", reference.clean_prob, corrupted
+            ),
+            read=one_number,
+            rtol=1e-4,
+        )
+
+
+def _top_token(lm: LoadedModel, prompt: str) -> int:
+    with torch.no_grad():
+        logits = lm.model(**lm.tokenizer(prompt, return_tensors="pt").to(lm.device)).logits
+    return int(logits[0, -1].argmax())
+
+
+def _window_mistakes(
+    lm: LoadedModel, fact: Fact, target_id: int, scale: float, seed: int, layer: int, window: int, pos: int
+) -> dict[str, Any]:
+    """The usual wrong restorations, each one corrupted run of memit_lab.tracing.restored_prob (same noise)."""
+
+    def prob(states: list[tuple[str, int, int]]) -> torch.Tensor:
+        got = restored_prob(lm, fact.prompt, fact.subject, states, target=target_id, noise=scale, samples=1, seed=seed)
+        return torch.tensor(got)
+
+    n = lm.n_layers
+    right = list(restored_window(layer, window, n))
+    upward = list(range(layer, min(n, layer + window)))
+    return {
+        "only the centre layer's MLP was restored: restore the whole window of `window` layers": (
+            prob([("mlp", layer, pos)]) if len(right) > 1 else None
+        ),
+        "the window starts at `layer`: ROME centres it, window // 2 layers below `layer`": (
+            prob([("mlp", w, pos) for w in upward]) if upward != right else None
+        ),
+        "those are the hidden states (block outputs) of the window: restore the MLP outputs, "
+        "lm.adapter.mlp_module(l)": prob([("hidden", w, pos) for w in right]),
+        "those are the attention outputs: restore the MLP outputs, lm.adapter.mlp_module(l)": prob(
+            [("attn", w, pos) for w in right]
+        ),
+    }
+
+
+# -- 2.4 reading the heatmap ----------------------------------------------------------------------
+
+
+@exercise()
 def check_strongest_subject_token() -> Iterator[Case]:
-    """Exercise 2.3: ``fn(scores, span)`` -> the subject token whose restoration helps most.
+    """Exercise 2.4: ``fn(scores, span)`` -> the subject token whose restoration helps most.
 
     ``scores`` is a tracing grid ``[layer, pos]`` of P(target) with one state restored;
     ``span`` the subject's (start, end). The answer is the position in ``start..end-1`` with

@@ -6,14 +6,14 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
-from . import causal_tracing, least_squares, memit_by_hand, residual_lens
+from . import causal_tracing, least_squares, memit_by_hand, null_space, residual_lens
 from .core import Check, CheckResult, require_function
 
-#: check name -> check, for the four assignments in order
+#: check name -> check, for the five assignments in order
 CHECKS: Mapping[str, Check] = MappingProxyType(
     {
         name: getattr(module, name)
-        for module in (residual_lens, causal_tracing, least_squares, memit_by_hand)
+        for module in (residual_lens, causal_tracing, least_squares, memit_by_hand, null_space)
         for name in module.__all__
     }
 )
@@ -55,7 +55,8 @@ class Course:
 
         recorded.__name__ = recorded.__qualname__ = name
         recorded.__doc__ = check.__doc__
-        return recorded
+        recorded.twins = check.twins  # type: ignore[attr-defined]  # the Check protocol's attribute
+        return recorded  # type: ignore[return-value]  # a function with the Check protocol's attributes
 
     def __dir__(self) -> list[str]:
         return sorted({*super().__dir__(), *CHECKS})

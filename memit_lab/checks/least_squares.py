@@ -24,7 +24,7 @@ __all__ = ["check_fit_memory", "check_insert_memories", "check_rank_one_update",
 # -- 3.1 the least-squares memory ---------------------------------------------------------------
 
 
-@exercise
+@exercise(fit_memory)
 def check_fit_memory() -> Iterator[Case]:
     """Exercise 3.1: ``fn(keys, values)`` -> W = argmin ||W K - M||^2 via the normal equations (eq. 7-8).
 
@@ -75,7 +75,7 @@ def _solves_normal_equations(k: torch.Tensor, m: torch.Tensor, got: torch.Tensor
 # -- 3.2 MEMIT's update with lambda -------------------------------------------------------------
 
 
-@exercise
+@exercise(insertion_update)
 def check_insert_memories() -> Iterator[Case]:
     """Exercise 3.2: ``fn(w0, k1, m1, key_moment, lam)`` -> MEMIT's update Delta (eq. 14-15).
 
@@ -158,7 +158,7 @@ def _joint_least_squares(
 # -- 3.3 the rank-one form ------------------------------------------------------------------------
 
 
-@exercise
+@exercise(single_key_update, insertion_update)
 def check_rank_one_update() -> Iterator[Case]:
     """Exercise 3.3: ``fn(r, k, c0)`` -> eq. 14 for one key as a rank-one update (Sherman-Morrison).
 
@@ -207,7 +207,7 @@ def _solves_eq14_for_one_key(
 # -- 3.4 ROME's update ----------------------------------------------------------------------------
 
 
-@exercise
+@exercise(rome_rank_one_update)
 def check_rome_update() -> Iterator[Case]:
     """Exercise 3.4: ``fn(w, k, v, c)`` -> ROME's rank-one update with (W + Delta) k = v exactly.
 

@@ -18,9 +18,9 @@ from ..facts import KNOWN_FACTS
 from ..hooks import Trace
 from ..kv_memory import insertion_update
 from ..models import LoadedModel, load_model
-from ..prompts import last_subject_token, subject_token_span, target_scores
+from ..prompts import last_subject_token, last_token_of_chars, subject_token_span, target_scores, token_span_of_chars
 from ..requests import EditRequest
-from ..zopt import ZParams, optimise_z
+from ..zopt import ZParams, optimise_z, tokenise_prompt
 from .answers import describe, one_element_tensor, relative_gap, scalar
 from .core import Case, Property, exercise
 from .inputs import BUNDLED, generator, real_keys, spd
@@ -33,7 +33,7 @@ _CONTEXTS = ("", "I read this in a book. ", "Here is a fact. ")
 # -- 4.1 the edit position -------------------------------------------------------------------------
 
 
-@exercise
+@exercise(last_subject_token, subject_token_span, last_token_of_chars, token_span_of_chars, tokenise_prompt)
 def check_edit_position() -> Iterator[Case]:
     """Exercise 4.1: ``fn(tokenizer, prompt, subject)`` -> the position of the subject's last token.
 
@@ -83,7 +83,7 @@ def _holds_the_last_character(tok: Any, prompt: str, subject: str, got: Any) -> 
 # -- 4.2 the loss of eq. 16 with delta ----------------------------------------------------------------
 
 
-@exercise
+@exercise(target_scores, optimise_z)
 def check_nll_with_delta() -> Iterator[Case]:
     """Exercise 4.2: ``fn(lm, prompts, subject, target, layer, delta)`` -> eq. 16's loss, differentiable in delta.
 
@@ -228,7 +228,7 @@ def _nll_mistakes(
 # -- 4.3 the averaged key of eq. 19 -------------------------------------------------------------------
 
 
-@exercise
+@exercise(edit_keys)
 def check_average_key() -> Iterator[Case]:
     """Exercise 4.3: ``fn(lm, layer, prompts, subject)`` -> the key k^l of eq. 19, ``[d_mlp]``.
 
@@ -292,7 +292,7 @@ def _keys_at(lm: LoadedModel, layer: int, prompts: list[str], positions: list[in
 # -- 4.4 one layer of Algorithm 1 ----------------------------------------------------------------------
 
 
-@exercise
+@exercise(insertion_update)
 def check_layer_update() -> Iterator[Case]:
     """Exercise 4.4: ``fn(keys, residuals, layer, layers, c0)`` -> Delta^l of Algorithm 1 (eq. 20 then eq. 14).
 

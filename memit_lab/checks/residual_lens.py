@@ -99,7 +99,7 @@ def _randomise_final_norm(lm: LoadedModel, g: torch.Generator) -> None:
 # -- 1.1 the terms of the residual stream ----------------------------------------------------
 
 
-@exercise
+@exercise(decompose_resid)
 def check_residual_components() -> Iterator[Case]:
     """Exercise 1.1: ``fn(cache, layer, pos)`` -> the components of h^layer at ``pos`` (eq. 6).
 
@@ -161,7 +161,7 @@ def _component_mistakes(cache: ResidCache, layer: int, pos: int, stack: ResidSta
 # -- 1.2 the logit lens -----------------------------------------------------------------------
 
 
-@exercise
+@exercise(lens_logits)
 def check_lens_probs() -> Iterator[Case]:
     """Exercise 1.2: ``fn(lm, resid)`` -> the logit lens's next-token probabilities ``[..., d_vocab]``.
 
@@ -221,7 +221,7 @@ def _lens_mistakes(lm: LoadedModel, resid: torch.Tensor) -> dict[str, Any]:
 # -- 1.3 reading the lens ---------------------------------------------------------------------
 
 
-@exercise
+@exercise()
 def check_first_top1_layer() -> Iterator[Case]:
     """Exercise 1.3: ``fn(probs, target_id)`` -> the first layer at which ``target_id`` is the top prediction.
 
@@ -230,10 +230,10 @@ def check_first_top1_layer() -> Iterator[Case]:
     tables whose answer is known by construction, then the bundled model's lens.
     """
     g = generator(13)
-    for answer in (3, 0, None, 5):
-        probs, target = _lens_table(answer, g)
+    for answer, n_layer, n_vocab in ((3, 8, 12), (0, 6, 20), (None, 10, 16), (5, 9, 30)):
+        probs, target = _lens_table(answer, n_layer, n_vocab, g)
         yield Case(
-            f"a random lens table [{probs.shape[0]} layers, {probs.shape[1]} tokens], target {target}",
+            f"a random lens table [{n_layer} layers, {n_vocab} tokens], target {target}",
             (probs, target),
             answer,
             hint=f"the answer is {_TOP1_HINT}",
@@ -258,9 +258,10 @@ def check_first_top1_layer() -> Iterator[Case]:
             )
 
 
-def _lens_table(answer: int | None, g: torch.Generator) -> tuple[torch.Tensor, int]:
-    """Random probabilities ``[8, 12]`` in which token 7 is first top-1 at layer ``answer`` (and peaks later)."""
-    n_layer, n_vocab, target = 8, 12, 7
+def _lens_table(answer: int | None, n_layer: int, n_vocab: int, g: torch.Generator) -> tuple[torch.Tensor, int]:
+    """Random probabilities ``[n_layer, n_vocab]`` in which a random target token is first top-1 at layer
+    ``answer`` (and peaks later), or never."""
+    target = int(torch.randint(0, n_vocab, (), generator=g))
     logits = torch.randn(n_layer, n_vocab, generator=g, dtype=torch.float64)
     logits[:, target] = logits.max(-1).values - 0.5 - torch.rand(n_layer, generator=g, dtype=torch.float64)
     if answer is not None:
@@ -291,7 +292,7 @@ def _top1_mistakes(probs: torch.Tensor, target: int, answer: int | None) -> dict
 # -- 1.4 direct logit attribution --------------------------------------------------------------
 
 
-@exercise
+@exercise(direct_logit_attribution)
 def check_direct_attribution() -> Iterator[Case]:
     """Exercise 1.4: ``fn(lm, cache, target_id, pos)`` -> each component's direct effect on the target's logit.
 

@@ -16,7 +16,10 @@
 #
 # Each exercise is a function with a typed signature. Below it, a check cell runs your function on random tiny
 # models of several architectures and on the bundled model, compares it with `memit_lab`'s implementation, and on a
-# mistake tells you what it expected, what it got, and a hint.
+# mistake tells you what it expected, what it got, and a hint. Write each function yourself: a check fails a function
+# that calls `memit_lab`'s own answer to the exercise (the functions it compares with are imported only after it).
+#
+# The lecture notebook before this assignment is `notebooks/01_residual_stream.ipynb`.
 
 # %% setup
 import pandas as pd
@@ -30,8 +33,6 @@ from memit_lab.facts import KNOWN_FACTS
 from memit_lab.prompts import last_subject_token
 from memit_lab.residual import (
     ResidCache,
-    decompose_resid,
-    direct_logit_attribution,
     freeze_final_norm,
     logit_lens,
     reconstruction_error,
@@ -104,10 +105,13 @@ course.check_residual_components(residual_components)
 
 # %% [markdown]
 # The check first tested that your rows add up to the hidden state the model computed. `memit_lab.residual` has
-# the same function, `decompose_resid`, which we use from here on so the rest of the notebook runs whatever state
-# your exercises are in. How exact is eq. 6 in float32? The largest relative error over every layer and position:
+# the same function, `decompose_resid`, imported only now (the check refuses a `residual_components` that calls it);
+# the lecture cells use it from here on, so the rest of the notebook runs whatever state your exercises are in. How
+# exact is eq. 6 in float32? The largest relative error over every layer and position:
 
 # %%
+from memit_lab.residual import decompose_resid
+
 print("largest relative reconstruction error below 1e-5:", reconstruction_error(cache) < 1e-5)
 stack = decompose_resid(cache, layer=8, pos=-1)
 print("h^8 at the last token is the sum of", len(stack.labels), "vectors:", stack.labels[:5], "...")
@@ -216,8 +220,9 @@ print(
 # %% [markdown]
 # ### Exercise 1.4 — direct attribution
 #
-# Return one number per component of `decompose_resid(cache, pos=pos)` (all blocks): its direct contribution to
-# the logit of `target_id` at `pos`. The unembedding's weight is `[d_vocab, d_model]`.
+# Return one number per component of the final residual at `pos` (all blocks, in the order of your
+# `residual_components(cache, cache.n_layers, pos)`): its direct contribution to the logit of `target_id` at `pos`.
+# The unembedding's weight is `[d_vocab, d_model]`.
 
 
 # %% solution
@@ -226,7 +231,7 @@ def direct_attribution(
 ) -> Float[torch.Tensor, " component"]:
     """W_U[target] . frozen_norm.linear(c) for each component c of the final residual at ``pos``."""
     ### BEGIN SOLUTION
-    components = decompose_resid(cache, pos=pos).vectors
+    components = residual_components(cache, cache.n_layers, pos)
     frozen = freeze_final_norm(lm, cache.resid(cache.n_layers)[pos])
     direction = lm.model.get_submodule(lm.adapter.unembed).weight[target_id].float()
     with torch.no_grad():
@@ -238,11 +243,14 @@ def direct_attribution(
 course.check_direct_attribution(direct_attribution)
 
 # %% [markdown]
-# The library's version (`direct_logit_attribution`) on our fact, with the logit measured against the mean logit
-# (`centred=True`: a component that raises every logit alike changes no probability). The bars show which attention
-# and MLP outputs push " Paris" up at the last token; the table lists the five largest.
+# The library's version (`direct_logit_attribution`, imported now that you have written yours) on our fact, with
+# the logit measured against the mean logit (`centred=True`: a component that raises every logit alike changes no
+# probability). The bars show which attention and MLP outputs push " Paris" up at the last token; the table lists
+# the five largest.
 
 # %%
+from memit_lab.residual import direct_logit_attribution
+
 attribution = direct_logit_attribution(lm, cache, fact.target, pos=-1, centred=True)
 fig, frame = plot_attribution(attribution)
 display(frame.sort_values("attribution", ascending=False).head(5)[["component", "attribution"]].round(2))

@@ -4,13 +4,19 @@
 # MEMIT edits the MLPs of a few early-middle layers at the subject's last token. That choice comes from **causal
 # tracing** (ROME, Meng et al. 2022, section 2): break the model's knowledge of the subject by adding noise to the
 # subject's embeddings, then repair one hidden state at a time and see which repair brings the answer back. In this
-# assignment you implement corruption and restoration and read the resulting heatmap on the bundled model.
+# assignment you implement corruption and restoration, then restore *MLP outputs* over a window of layers (the
+# measurement that points MEMIT at its edit layers), and read the resulting heatmaps on the bundled model.
 #
 # | exercise | you implement | points |
 # |---|---|---|
 # | 2.1 | `corrupt_subject`: the corrupted run's input | 1 |
 # | 2.2 | `restored_probability`: one cell of the heatmap | 3 |
-# | 2.3 | `strongest_subject_token`: reading the heatmap | 1 |
+# | 2.3 | `restored_mlp_window`: the MLP outputs of a window of layers restored | 3 |
+# | 2.4 | `strongest_subject_token`: reading the heatmap | 1 |
+#
+# Write each function yourself: a check fails a function that calls `memit_lab.tracing`'s own restorations (it is
+# imported only after the exercises that ask for them). The lecture notebook before this assignment is
+# `notebooks/02_causal_tracing.ipynb`.
 
 # %% setup
 import pandas as pd
@@ -18,11 +24,11 @@ import torch
 from IPython.display import display
 from jaxtyping import Float
 
-from memit_lab import LoadedModel, Trace, load_model
+from memit_lab import LoadedModel, Trace, TraceDict, load_model
 from memit_lab.checks import Course
 from memit_lab.facts import KNOWN_FACTS
 from memit_lab.prompts import subject_token_span
-from memit_lab.tracing import embedding_noise, trace
+from memit_lab.tracing import embedding_noise
 from memit_lab.tracing_plots import plot_trace
 
 torch.manual_seed(0)
@@ -79,8 +85,8 @@ with torch.no_grad(), Trace(lm.model, lm.adapter.block(4)) as clean:
     lm.model(**enc)
 print("tokens:", tokens)
 print("subject tokens", span, "->", tokens[span[0] : span[1]])
-print("block 4's output h^5:", tuple(clean.output.shape), " its norm at the last subject token:",
-      round(float(clean.output[0, span[1] - 1].norm()), 2))  # fmt: skip
+norm = float(clean.output[0, span[1] - 1].norm())
+print("block 4's output h^5:", tuple(clean.output.shape), " its norm at the last subject token:", round(norm, 2))
 
 # %% [markdown]
 # ### Exercise 2.2 — one restoration
@@ -132,13 +138,93 @@ def restored_probability(
 course.check_restored_probability(restored_probability)
 
 # %% [markdown]
-# ## 2. The heatmap
+# ## 2. Which MLPs? Restoring a window of MLP outputs
+#
+# A hidden state $h^{l+1}_i$ carries everything computed so far at token $i$, so restoring it says *where* the fact
+# is, not *which module* put it there. ROME's figure 1 (middle) restores instead the **MLP outputs** $m^{l'}_i$ of
+# a window of layers around $l$ at one token, and leaves everything else corrupted: a window of them shows where
+# the MLPs together write the fact.
+#
+# The window for centre layer $l$ and size $w$ is ROME's: the $w$ layers from $l - \lfloor w/2 \rfloor$ up,
+# cut at the first and the last layer. For $w = 4$ and $l = 10$ that is layers 8-11; for $l = 0$ it is 0-1.
+#
+# A `TraceDict` keeps the output of several modules from one forward pass (`td[name].output`); here the MLP outputs
+# of the first six layers in the clean run, and how large each is at the last subject token compared with the
+# hidden state it is added to:
+
+# %%
+mlp_names = [lm.adapter.mlp_module(layer) for layer in range(6)]
+with torch.no_grad(), TraceDict(lm.model, [*mlp_names, lm.adapter.block(5)]) as td:
+    lm.model(**enc)
+sizes = [float(td[name].output[0, span[1] - 1].norm()) for name in mlp_names]
+h6 = float(td[lm.adapter.block(5)].output[0, span[1] - 1].norm())
+print("||m^l|| at the last subject token, layers 0-5:", [round(x, 1) for x in sizes], f" ||h^6||: {h6:.1f}")
+
+# %% [markdown]
+#
+# ### Exercise 2.3 - restoring a window of MLP outputs
+#
+# Return $P(\text{target\_id})$ at the last token of the corrupted run (`noise` added to the subject's
+# embeddings, as in 2.2) in which the outputs of the MLPs of the window's layers, `lm.adapter.mlp_module(l)`, are
+# set at position `pos` to their clean values. One clean run reads them all; in the corrupted run, one `Trace` per
+# window layer with `edit_output` (a `TraceDict` with a list of module names does the same in one context) writes them
+# back. Restore only the MLP outputs: the blocks and attention layers around them stay corrupted. The check compares
+# your answer with `memit_lab.tracing.trace(..., kind="mlp", window=window)` with the same noise.
+
+
+# %% solution
+def restored_mlp_window(
+    lm: LoadedModel,
+    prompt: str,
+    subject: str,
+    target_id: int,
+    layer: int,
+    window: int,
+    pos: int,
+    noise: Float[torch.Tensor, "subject d_model"],
+) -> float:
+    """P(target) after the prompt, subject corrupted, the MLP outputs of ``window`` layers around ``layer``
+    restored at ``pos``."""
+    ### BEGIN SOLUTION
+    lowest = layer - window // 2
+    names = [lm.adapter.mlp_module(w) for w in range(max(0, lowest), min(lm.n_layers, lowest + window))]
+    enc = lm.tokenizer(prompt, return_tensors="pt")
+    span = subject_token_span(lm.tokenizer, prompt, subject)
+    with torch.no_grad(), TraceDict(lm.model, names) as clean:
+        lm.model(**enc)
+
+    def corrupt(out: torch.Tensor, name: str) -> torch.Tensor:
+        return corrupt_subject(out[0], span, noise)[None]
+
+    def restore(out: torch.Tensor, name: str) -> torch.Tensor:
+        out = out.clone()
+        out[0, pos] = clean[name].output[0, pos]
+        return out
+
+    with (
+        torch.no_grad(),
+        Trace(lm.model, lm.adapter.embed, edit_output=corrupt),
+        TraceDict(lm.model, names, edit_output=restore),
+    ):
+        logits = lm.model(**enc).logits
+    return float(logits[0, -1].softmax(-1)[target_id])
+    ### END SOLUTION
+
+
+# %% check points=3
+course.check_restored_mlp_window(restored_mlp_window)
+
+# %% [markdown]
+# ## 3. The heatmaps
 #
 # Restoring every (layer, token) cell gives ROME's figure 1. `memit_lab.tracing.trace` computes the whole grid at once
 # (it reuses the corrupted run's states below and before each restored cell) and averages several noise draws; here
-# three, for *"The Eiffel Tower is located in the city of"*:
+# three, for *"The Eiffel Tower is located in the city of"*. (It is imported only here: exercises 2.2 and 2.3 ask you
+# for single cells of its maps, and their checks refuse a function that calls it.)
 
 # %%
+from memit_lab.tracing import trace
+
 result = trace(lm, fact.prompt, fact.subject, fact.target, samples=3, seed=0)
 print(f"P({result.target!r}): clean {result.clean_prob:.3f}, corrupted {result.corrupted_prob:.3f}")
 fig = plot_trace(result)
@@ -172,12 +258,59 @@ if ready:
     display(table.set_index("layer").T.round(2))
 
 # %% [markdown]
-# Two regions stand out in ROME's figure 1 and, on this model, in the map above: **early layers at the subject's
-# tokens** (the model has not yet moved the subject's information elsewhere) and **late layers at the last token**
-# (the answer has been moved there). Restoring only the MLP outputs instead of whole hidden states (ROME's figure 1,
-# middle) narrows the first region down to the MLPs of early-middle layers: MEMIT's edit range.
+# The library's MLP heatmap of the same fact (`kind="mlp"`, a window of 10 layers as in ROME, three noise draws like
+# the hidden-state map above) and, next to it, the effect along the layers at the last subject token for both
+# kinds of restoration:
+
+# %%
+mlp = trace(lm, fact.prompt, fact.subject, fact.target, kind="mlp", window=10, samples=3, seed=0)
+fig = plot_trace(mlp)
+last_subject = span[1] - 1
+along = pd.DataFrame(
+    {
+        "hidden state": result.scores[:, last_subject].numpy(),
+        "MLPs, window 10": mlp.scores[:, last_subject].numpy(),
+    },
+    index=pd.RangeIndex(lm.n_layers, name="layer"),
+)
+ax = along.plot(figsize=(6, 3), marker=".", title=f"restored at the last subject token {tokens[last_subject]!r}")
+ax.axhline(mlp.corrupted_prob, color="grey", ls="--", lw=1)
+ax.set_ylabel("P(' Paris')")
+display(along.iloc[::3].T.round(2))
+
+# %% [markdown]
+# Read the two curves at the last subject token: restoring the hidden state brings the answer back up to the middle
+# layers and then stops helping (the fact has left this token for the last one); restoring the MLP outputs helps
+# most for windows centred on the **first layers** and falls off after them. That is where this model's MLPs write
+# the fact, and why `memit_lab` edits it at layers 0-4 (`MemitHyperParams.for_model(lm)`; notebook 02 measures it
+# over 20 facts). GPT-J's peak is further up, at layers 3-8, MEMIT's range for that model.
 #
-# ### Exercise 2.3 — reading the heatmap
+# Once your function passes its check, the next cell recomputes part of the MLP curve with it (one noise draw, so
+# noisier than the library's three):
+
+# %%
+if course.has_passed(course.check_restored_mlp_window, restored_mlp_window):
+    draw = torch.randn(span[1] - span[0], lm.d_model, generator=torch.Generator().manual_seed(1))
+    layers = list(range(0, lm.n_layers, 4))
+    yours = [
+        restored_mlp_window(
+            lm, fact.prompt, fact.subject, mlp.target_id, layer, 10, last_subject, embedding_noise(lm) * draw
+        )
+        for layer in layers
+    ]
+    library = mlp.scores[layers, last_subject].numpy()
+    table = pd.DataFrame(
+        {"yours (1 draw)": yours, "memit_lab (3 draws)": library}, index=pd.Index(layers, name="layer")
+    )
+    display(table.T.round(2))
+
+# %% [markdown]
+# Two regions stand out in ROME's figure 1 and, on this model, in the hidden-state map: **early layers at the
+# subject's tokens** (the model has not yet moved the subject's information elsewhere) and **late layers at the last
+# token** (the answer has been moved there). The MLP map narrows the first region down to the MLPs of the early
+# layers: MEMIT's edit range.
+#
+# ### Exercise 2.4 — reading the heatmap
 #
 # Which subject token carries the fact? Given a grid `scores` `[layer, pos]` and the subject's `span`, return the
 # position in `start..end-1` whose best restoration (over layers) is highest.
@@ -209,3 +342,5 @@ if course.has_passed(course.check_strongest_subject_token, strongest_subject_tok
 #    writes at the last subject token. Why can that work? (Hint: what do early attention layers do with the subject's
 #    tokens?)
 # 3. One noise sample gives a noisy map. What would you average to make it reliable, and what does that cost?
+# 4. Why does restoring a *single* MLP output change P(target) so much less than restoring a window of ten? What
+#    would a window of all 30 layers at the last subject token measure?

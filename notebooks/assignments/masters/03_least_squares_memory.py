@@ -16,6 +16,8 @@
 # Conventions: keys and values are stacked as **columns**, $K$ is `[d_mlp, n]`, $M$ is `[d_model, n]`, and
 # $W$ is `[d_model, d_mlp]`. Solve linear systems in float64 with `torch.linalg.solve` (never an explicit inverse:
 # it is slower and loses accuracy on ill-conditioned matrices, which real key statistics are).
+#
+# The lecture notebook before this assignment is `notebooks/03_key_value_memory.ipynb`.
 
 # %% setup
 import pandas as pd
@@ -26,7 +28,7 @@ from jaxtyping import Float
 from memit_lab import Trace, load_model
 from memit_lab.checks import Course
 from memit_lab.facts import KNOWN_FACTS
-from memit_lab.kv_memory import insertion_update, lambda_sweep, rome_rank_one_update, single_key_update
+from memit_lab.kv_memory import lambda_sweep
 from memit_lab.prompts import last_subject_token
 from memit_lab.stats import corpus_keys
 
@@ -208,24 +210,36 @@ course.check_rome_update(rome_update)
 
 # %% [markdown]
 # The two differ only by the "1 +" in the denominator. With $C_0 = \lambda C$ the Sherman-Morrison denominator is
-# $1 + k^\top C^{-1} k / \lambda$, so as $\lambda \to 0$ eq. 14 becomes ROME's update. On the real layer-4 key of
-# the first fact (library functions `single_key_update` and `rome_rank_one_update`):
+# $1 + k^\top C^{-1} k / \lambda$, so as $\lambda \to 0$ eq. 14 becomes ROME's update. Once your three updates pass
+# their checks, the next cell measures it on the real layer-4 key of the first fact, with your functions: the
+# distance of `rank_one_update` from `rome_update` as $\lambda$ shrinks, and whether `rank_one_update` agrees with
+# `insert_memories` for one key.
 
 # %%
-k, v = k1[:, 0], m1[:, 0]
-rome = rome_rank_one_update(w0, k, v, key_moment)
-rows = []
-for lam in [1e4, 1e2, 1e0, 1e-2]:
-    delta = single_key_update(v - w0 @ k, k, lam * key_moment)
-    same_as_eq14 = insertion_update((v - w0 @ k)[:, None], k[:, None], lam * key_moment)
-    rows.append(
-        {
-            "lambda": lam,
-            "distance to ROME (relative)": float((delta - rome).norm() / rome.norm()),
-            "rank-one form = eq. 14": bool((delta - same_as_eq14).norm() <= 1e-6 * same_as_eq14.norm()),
-        }
-    )
-display(pd.DataFrame(rows))
+ready = all(
+    course.has_passed(check, function)
+    for check, function in [
+        (course.check_insert_memories, insert_memories),
+        (course.check_rank_one_update, rank_one_update),
+        (course.check_rome_update, rome_update),
+    ]
+)
+print("your functions passed their checks:", ready)
+if ready:
+    k, v = k1[:, 0], m1[:, 0]
+    rome = rome_update(w0, k, v, key_moment)
+    rows = []
+    for lam in [1e4, 1e2, 1e0, 1e-2]:
+        delta = rank_one_update(v - w0 @ k, k, lam * key_moment)
+        same_as_eq14 = insert_memories(w0, k[:, None], v[:, None], key_moment, lam)
+        rows.append(
+            {
+                "lambda": lam,
+                "distance to ROME (relative)": float((delta - rome).norm() / rome.norm()),
+                "rank-one form = eq. 14": bool((delta - same_as_eq14).norm() <= 1e-6 * same_as_eq14.norm()),
+            }
+        )
+    display(pd.DataFrame(rows))
 
 # %% [markdown]
 # ## Questions to think about

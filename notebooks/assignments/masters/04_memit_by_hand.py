@@ -13,6 +13,10 @@
 # | 4.2 | `nll_with_delta`: the loss of eq. 16 | 3 |
 # | 4.3 | `average_key`: the keys of eq. 19 | 2 |
 # | 4.4 | `layer_update`: eq. 20, then eq. 14 | 2 |
+#
+# Write each function yourself: a check fails a function that calls `memit_lab`'s own answer to its exercise
+# (`last_subject_token`, `target_scores`, `edit_keys`, `insertion_update`, ...). The lecture notebook before this
+# assignment is `notebooks/04_multi_layer_update.ipynb`.
 
 # %% setup
 import pandas as pd
@@ -23,7 +27,7 @@ from transformers import PreTrainedTokenizerBase
 
 from memit_lab import LoadedModel, Trace, load_model
 from memit_lab.checks import Course
-from memit_lab.prompts import continuation, subject_token_span, target_scores
+from memit_lab.prompts import continuation
 from memit_lab.stats import key_second_moment
 
 torch.manual_seed(0)
@@ -54,7 +58,6 @@ display(
         }
     ).T
 )
-print("subject tokens [start, end):", subject_token_span(lm.tokenizer, prompt, subject))
 
 # %% [markdown]
 # ### Exercise 4.1 — the edit position
@@ -77,6 +80,11 @@ def edit_position(tokenizer: PreTrainedTokenizerBase, prompt: str, subject: str)
 # %% check points=1
 course.check_edit_position(edit_position)
 
+# %%
+if course.has_passed(course.check_edit_position, edit_position):
+    at = edit_position(lm.tokenizer, prompt, subject)
+    print(f"MEMIT edits {subject!r} at position {at}, token {lm.tokenizer.decode([enc.input_ids[at]])!r}")
+
 # %% [markdown]
 # ## 2. The target hidden state $z$ (eq. 16)
 #
@@ -98,8 +106,8 @@ text = continuation(prompt, "Rome")
 ids = lm.tokenizer(text).input_ids
 n_prompt = len(lm.tokenizer(prompt).input_ids)
 print(repr(text))
-print("the object's tokens:", [lm.tokenizer.decode([i]) for i in ids[n_prompt:]], "at positions", n_prompt, "to",
-      len(ids) - 1)  # fmt: skip
+object_tokens = [lm.tokenizer.decode([i]) for i in ids[n_prompt:]]
+print("the object's tokens:", object_tokens, "at positions", n_prompt, "to", len(ids) - 1)
 
 # %% [markdown]
 # ### Exercise 4.2 — the loss of eq. 16
@@ -211,15 +219,16 @@ course.check_layer_update(layer_update)
 # %% [markdown]
 # ## 4. Algorithm 1 with your functions
 #
-# Two edits on the bundled model, over $\mathcal{R} = \{3, 4, 5\}$ (a short range, to run in seconds; causal tracing
-# on this model puts the MLP effect at the last subject token around layers 0-8), $\lambda = 15{,}000$, and
-# $\mathbb{E}[k k^\top]$ from 4,096 tokens of the package's corpus. The cell below runs only once your four functions
-# pass their checks (in the student version it waits for them); it then
+# Two edits on the bundled model with the library's measured settings for it, `MemitHyperParams.for_model(lm)`:
+# $\mathcal{R} = \{0, \dots, 4\}$ (where causal tracing puts this model's MLP effect at the last subject token,
+# assignment 2), $\lambda = 1{,}500$ and $\mathbb{E}[k k^\top]$ from 20,000 tokens of the package's corpus (computed
+# once, about 20 s, then read from the cache). The cell below runs only once your four functions pass their checks
+# (in the student version it waits for them); it then
 #
 # 1. optimises $\delta_i$ with Adam on your `nll_with_delta` (eq. 16; at most 12 steps, stopping once the loss is
 #    below 0.05 as the paper's code does) and sets $z_i = h_i^L + \delta_i$;
-# 2. for $l = 3, 4, 5$: reads the keys with your `average_key`, recomputes $h_i^L$, and adds your `layer_update`
-#    to $W_{out}^l$;
+# 2. for each $l \in \mathcal{R}$, lowest first: reads the keys with your `average_key`, recomputes $h_i^L$, and adds
+#    your `layer_update` to $W_{out}^l$;
 # 3. measures the new and the old objects' probabilities, then restores the weights.
 
 # %%
@@ -235,7 +244,12 @@ ready = all(
 print("your functions passed their checks:", ready)
 
 # %%
-layers, lam, max_steps, stop_loss = [3, 4, 5], 15_000.0, 12, 0.05
+from memit_lab.hparams import MemitHyperParams
+from memit_lab.prompts import target_scores
+
+hp = MemitHyperParams.for_model(lm)
+layers, lam, max_steps, stop_loss = list(hp.layers), hp.lam, 12, 0.05
+print(f"R = {layers}, lambda = {lam:g}, E[k k^T] from {hp.stats_tokens} tokens")
 top = max(layers)
 contexts = ["", "I read this in a book. ", "Here is a fact. "]
 requests = [
@@ -267,7 +281,7 @@ def probabilities() -> pd.DataFrame:
 
 if ready:
     before = probabilities()
-    moments = key_second_moment(lm, layers, n_tokens=4096, progress=False)
+    moments = key_second_moment(lm, layers, n_tokens=hp.stats_tokens, progress=False)
     z, curves = [], []
     for template, subject, new, _ in requests:
         delta = torch.zeros(lm.d_model, requires_grad=True)
