@@ -192,7 +192,8 @@ class TfIdf:
             raise ValueError("TF-IDF needs at least one document to fit")
         df = Counter(w for words in doc_sets for w in words)
         vocab = {w: i for i, w in enumerate(sorted(df))}
-        idf = np.log((1 + len(doc_sets)) / (1 + np.array([df[w] for w in vocab], dtype=np.float64))) + 1
+        # math.log, not np.log: numpy picks a SIMD log by CPU, and RS must not move in its last bit between machines.
+        idf = np.array([math.log((1 + len(doc_sets)) / (1 + df[w])) + 1 for w in vocab], dtype=np.float64)
         return cls(vocab, idf)
 
     def vector(self, text: str) -> np.ndarray:
@@ -206,8 +207,9 @@ class TfIdf:
     def similarity(self, text_a: str, text_b: str) -> float:
         """Cosine of the two texts' vectors; 0 when either has no word in the vocabulary."""
         a, b = self.vector(text_a), self.vector(text_b)
-        norms = float(np.linalg.norm(a) * np.linalg.norm(b))
-        return 0.0 if norms == 0 else float(a @ b / norms)
+        # Exactly rounded sums (math.fsum) rather than BLAS, whose summation order depends on the CPU.
+        norms = math.sqrt(math.fsum(a * a) * math.fsum(b * b))
+        return 0.0 if norms == 0 else math.fsum(a * b) / norms
 
 
 def load_reference_tfidf(idf_path: str | Path, vocab_path: str | Path) -> TfIdf:

@@ -13,6 +13,7 @@ from memit_lab import LoadedModel, load_model
 from memit_lab.editing import EditResult
 from memit_lab.explorer_views import render
 from memit_lab.facts import KNOWN_FACTS, facts_by_relation
+from memit_lab.finetune import block_parameters
 from memit_lab.hparams import FtHyperParams, MemitHyperParams, RomeHyperParams
 from memit_lab.layer_choice import recommend_layers
 from memit_lab.methods import METHODS
@@ -300,13 +301,19 @@ def test_a_rome_edit_is_the_library_rome_on_one_layer_and_undo_restores_it(gpt2:
 def test_every_registered_method_edits_through_the_playground_and_undo_restores_it(
     gpt2: LoadedModel, label: str
 ) -> None:
-    """One edit path for the whole registry: each method writes W_out of its layers only; undo is bit for bit."""
+    """One edit path for the whole registry: each method writes only what it claims (W_out of its layers, FT-W
+    its whole block); undo is bit for bit."""
     state = ExplorerState(gpt2, hparams={name: _light(method.defaults(gpt2)) for name, method in METHODS.items()})
     before = WeightSnapshot(gpt2)
     edited = apply_edit(state, [ROME_FACT], label)
     assert isinstance(edited, EditView), edited
     assert edited.method == label and isinstance(state.edits[-1].result, EditResult)
-    assert before.changed() == {gpt2.adapter.w_out_module(layer) + ".weight" for layer in edited.layers}
+    w_outs = {gpt2.adapter.w_out_module(layer) + ".weight" for layer in edited.layers}
+    if label == "FT-W":
+        blocks = {name for layer in edited.layers for name in block_parameters(gpt2, layer)}
+        assert w_outs <= before.changed() <= blocks and len(before.changed()) > len(w_outs)
+    else:
+        assert before.changed() == w_outs
     assert isinstance(undo(state), UndoView) and before.unchanged()
 
 
