@@ -139,6 +139,14 @@ class RomeHyperParams(_HyperParams):
         return cls.measured(lm) or cls(layer=layers[len(layers) // 2])
 
 
+def _check_fine_tuning(hp: FtHyperParams | FtWHyperParams) -> None:
+    """What FT-L and FT-W both need: a layer, at least one pass and one request per batch, a positive learning rate."""
+    if hp.layer < 0 or hp.steps < 1 or hp.batch < 1:
+        raise ValueError(f"layer must be >= 0, steps and batch >= 1: {hp}")
+    if not (math.isfinite(hp.lr) and hp.lr > 0):
+        raise ValueError(f"lr must be a positive number, got {hp.lr}")
+
+
 @dataclass(frozen=True)
 class FtHyperParams(_HyperParams):
     """Everything FT-L's result depends on besides the model and the requests (W_out of one layer, L-inf box).
@@ -165,10 +173,7 @@ class FtHyperParams(_HyperParams):
     batch: int = 64
 
     def __post_init__(self) -> None:
-        if self.layer < 0 or self.steps < 1 or self.batch < 1:
-            raise ValueError(f"layer must be >= 0, steps and batch >= 1: {self}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        _check_fine_tuning(self)
         if self.norm_constraint is not None and not self.norm_constraint > 0:
             raise ValueError(f"norm_constraint must be positive (or None for none), got {self.norm_constraint}")
 
@@ -216,10 +221,7 @@ class FtWHyperParams(_HyperParams):
     batch: int = 64
 
     def __post_init__(self) -> None:
-        if self.layer < 0 or self.steps < 1 or self.batch < 1:
-            raise ValueError(f"layer must be >= 0, steps and batch >= 1: {self}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        _check_fine_tuning(self)
         if self.weight_decay is not None and not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"weight_decay must be >= 0 (or None for the power law), got {self.weight_decay}")
         if len(self.decay_law) != 2 or not all(math.isfinite(x) for x in self.decay_law):
