@@ -105,8 +105,8 @@ def test_rs_keeps_its_numbers_bit_for_bit(text_a: str, text_b: str, rs: str) -> 
     """RS to the last bit (float hex), so a change of TF-IDF code cannot move the tables.
 
     The sums are exactly rounded (``math.fsum``), so the CPU cannot move them either: with BLAS, two of these cases
-    differed by one bit between an AVX2 and an AVX-512 machine. They are within 2 units in the last place of the
-    numbers before the refactor (``0x1.fac019e3ad0a2p-2``, ``0x1.5deb408d52e5bp-1``).
+    came out one bit off on the CI machine. Those two are within 2 units in the last place of the numbers before
+    the change to exact sums (``0x1.fac019e3ad0a2p-2``, ``0x1.5deb408d52e5bp-1``), the others are unchanged.
     """
     assert TfIdf.fit(set(_RS_CORPUS)).similarity(text_a, text_b) == float.fromhex(rs)
 
