@@ -13,6 +13,7 @@ import shutil
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -202,13 +203,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .methods import get_method
 
     method = get_method(args.method).name
+    records: Sequence[Any]
     if args.n < 1 or (args.batch_size is not None and args.batch_size < 1):
         raise ValueError("--n and --batch-size must be at least 1")
     if args.data:
-        records = load_records(args.data, snippets=args.snippets)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the loader's summary; printed below with every index
+            loaded = load_records(args.data, snippets=args.snippets, n=args.n, strict=args.strict)
+        if loaded.skipped:
+            print(loaded.report(show=len(loaded.skipped)) + " Pass --strict to refuse such a file instead.")
+        records = list(loaded)
     else:
-        records = load_factset(known=True if args.known_only else None)
-    records = records[: args.n]
+        records = load_factset(known=True if args.known_only else None)[: args.n]
     lm = _load(args)
     how = "together" if args.batch_size is None else f"in batches of {args.batch_size}, one after another"
     print(f"{len(records)} records from {args.data or 'the bundled fact set'}; editing them with {method} {how}")
@@ -273,6 +279,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     _add_common(parser)
     parser.add_argument("--data", default=None, help="CounterFact / MultiCounterFact or zsRE JSON (default: fact set)")
     parser.add_argument("--snippets", default=None, help="attribute_snippets.json for RS (CounterFact only)")
+    parser.add_argument(
+        "--strict", action="store_true", help="refuse a --data file with a malformed record (default: skip, report)"
+    )
     parser.add_argument("--method", choices=_method_choices(), default="memit", help=_method_help())
     parser.add_argument("--n", type=int, default=100, help="edit the first n records (together, or see --batch-size)")
     parser.add_argument("--known-only", action="store_true", help="bundled fact set: only facts the model knows")

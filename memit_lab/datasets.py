@@ -33,8 +33,11 @@ Nothing is downloaded: pass a file you have. The formats are the paper's:
   bundled model's ``p_true`` and ``known`` flag, with a snippets file in the reference's
   format. :func:`load_factset` reads it.
 
-Every record is checked when loaded; a malformed one raises :class:`DatasetFormatError`
-naming its position, its ``case_id`` and the field to fix.
+Every record is checked when loaded. Real files have a few bad records (zsRE's eval file has
+one whose ``alt`` is empty), so by default a malformed record is **skipped and reported**: the
+loaders return a :class:`LoadedRecords` list whose ``.skipped`` names each one (position,
+``case_id``, the field to fix) and warn with a summary. ``strict=True`` refuses the file at its
+first bad record instead, raising :class:`DatasetFormatError` with the same message.
 
 Example:
     >>> facts = load_factset()
@@ -49,17 +52,20 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 __all__ = [
     "FACTSET_FILE",
     "SNIPPETS_FILE",
     "CounterFactRecord",
     "DatasetFormatError",
+    "LoadedRecords",
+    "SkippedRecord",
     "ZsreRecord",
     "counterfact_record",
     "load_counterfact",
@@ -76,6 +82,42 @@ SNIPPETS_FILE = "factset_snippets.json"
 
 class DatasetFormatError(ValueError):
     """A dataset file or record does not have the expected shape."""
+
+
+@dataclass(frozen=True)
+class SkippedRecord:
+    """A record a loader left out: its position in the file and what is wrong with it."""
+
+    index: int
+    reason: str
+
+
+_R = TypeVar("_R")
+
+
+class LoadedRecords(list[_R]):
+    """The records a loader kept, in file order, with ``skipped``: the malformed ones it left out.
+
+    A plain list in every other way (slicing gives a plain list).
+    """
+
+    def __init__(self, records: Iterable[_R] = (), skipped: Iterable[SkippedRecord] = (), *, name: str = "") -> None:
+        super().__init__(records)
+        self.skipped: tuple[SkippedRecord, ...] = tuple(skipped)
+        self.name = name
+
+    def report(self, show: int = 5) -> str:
+        """One paragraph: how many records were skipped, which, and why (the first ``show`` reasons)."""
+        if not self.skipped:
+            return f"{self.name}: {len(self):,} records, none skipped"
+        total = len(self) + len(self.skipped)
+        reasons = "; ".join(s.reason for s in self.skipped[:show])
+        more = f"; and {len(self.skipped) - show:,} more" if len(self.skipped) > show else ""
+        return (
+            f"{self.name}: skipped {len(self.skipped):,} of {total:,} records "
+            f"(indices {', '.join(str(s.index) for s in self.skipped[:show])}{', ...' if more else ''}): "
+            f"{reasons}{more}."
+        )
 
 
 @dataclass(frozen=True)
@@ -280,7 +322,9 @@ def zsre_record(raw: Mapping[str, Any], index: int = 0, target: Literal["answers
     if subject not in src:
         raise DatasetFormatError(f"{where}: subject {subject!r} does not occur in src {src!r}; fix one of them")
     answers = _texts(raw.get("answers"), "answers", where, at_least=1)
-    alt = "" if raw.get("alt") is None and target == "answers" else _text(raw.get("alt"), "alt", where)
+    alt_raw = raw.get("alt")
+    unused = target == "answers" and (alt_raw is None or (isinstance(alt_raw, str) and not alt_raw.strip()))
+    alt = "" if unused else _text(alt_raw, "alt", where)  # an empty alt only matters where it is the target
     return ZsreRecord(
         case_id=index,
         subject=subject,
@@ -312,10 +356,51 @@ def _read_list(path: str | os.PathLike[str], what: str) -> list[Any]:
     return data
 
 
-def _limited(items: list[Any], n: int | None) -> list[Any]:
+def _check_n(n: int | None) -> None:
     if n is not None and n < 0:
         raise ValueError(f"n must be >= 0 or None (all records), got {n}")
-    return items if n is None else items[:n]
+
+
+def _collect(
+    raws: list[Any],
+    parse: Callable[[Any, int], _R],
+    *,
+    name: str,
+    n: int | None,
+    strict: bool,
+    key: Callable[[_R], object] | None = None,
+) -> LoadedRecords[_R]:
+    """Parse records in order until ``n`` are kept; a bad one is raised (``strict``) or skipped and reported.
+
+    ``key``: records with the same key are duplicates; the first is kept, a later one is bad.
+    """
+    _check_n(n)
+    kept: list[_R] = []
+    skipped: list[SkippedRecord] = []
+    seen: set[object] = set()
+    for index, raw in enumerate(raws):
+        if n is not None and len(kept) >= n:
+            break
+        try:
+            record = parse(raw, index)
+            if key is not None and key(record) in seen:
+                raise DatasetFormatError(
+                    f"record {index}: case_id {key(record)} occurs twice in {name}; case ids must be unique"
+                )
+        except DatasetFormatError as err:
+            if strict:
+                raise
+            skipped.append(SkippedRecord(index, str(err)))
+            continue
+        seen.add(key(record) if key is not None else index)
+        kept.append(record)
+    records = LoadedRecords(kept, skipped, name=name)
+    if skipped and not kept:
+        raise DatasetFormatError(f"none of the {len(skipped):,} records read is usable. " + records.report())
+    if skipped:
+        advice = " Fix them, or pass strict=True (CLI: --strict) to refuse such a file."
+        warnings.warn(records.report() + advice, stacklevel=4)  # points at the caller of load_*
+    return records
 
 
 def load_snippets(path: str | os.PathLike[str]) -> dict[tuple[str, str], tuple[str, ...]]:
@@ -336,44 +421,81 @@ def load_snippets(path: str | os.PathLike[str]) -> dict[tuple[str, str], tuple[s
     return out
 
 
-def _unique_case_ids(records: Sequence[CounterFactRecord], name: str) -> None:
-    seen: set[int] = set()
-    for r in records:
-        if r.case_id in seen:
-            raise DatasetFormatError(f"{name}: case_id {r.case_id} occurs twice; case ids must be unique")
-        seen.add(r.case_id)
-
-
 def load_counterfact(
-    path: str | os.PathLike[str], *, snippets: str | os.PathLike[str] | None = None, n: int | None = None
-) -> list[CounterFactRecord]:
-    """Read a CounterFact or MultiCounterFact JSON file (the first ``n`` records, or all).
+    path: str | os.PathLike[str],
+    *,
+    snippets: str | os.PathLike[str] | None = None,
+    n: int | None = None,
+    strict: bool = False,
+) -> LoadedRecords[CounterFactRecord]:
+    """Read a CounterFact or MultiCounterFact JSON file: its first ``n`` usable records, or all.
 
     ``snippets``: optional path of the reference's ``attribute_snippets.json`` (reference
-    texts for RS, matched by relation id and ``target_new`` id).
+    texts for RS, matched by relation id and ``target_new`` id). A malformed record, or a
+    ``case_id`` seen before, is skipped and listed in ``.skipped`` (with a warning), or with
+    ``strict=True`` refused.
+
+    Example:
+        >>> import json, tempfile, warnings
+        >>> good = {"case_id": 1, "requested_rewrite": {"prompt": "{} is in", "subject": "Lyon",
+        ...         "target_new": {"str": "Italy"}, "target_true": {"str": "France"}},
+        ...         "paraphrase_prompts": ["Lyon lies in"], "neighborhood_prompts": ["Nice is in"]}
+        >>> path = Path(tempfile.mkdtemp()) / "counterfact.json"
+        >>> _ = path.write_text(json.dumps([good, {"case_id": 2}]))
+        >>> with warnings.catch_warnings(record=True):
+        ...     records = load_counterfact(path)
+        >>> [r.case_id for r in records], records.skipped[0].index
+        ([1], 1)
     """
+    return _counterfact_records(_read_list(path, "CounterFact"), Path(path).name, snippets, n, strict)
+
+
+def _counterfact_records(
+    raws: list[Any], name: str, snippets: str | os.PathLike[str] | None, n: int | None, strict: bool
+) -> LoadedRecords[CounterFactRecord]:
     table = load_snippets(snippets) if snippets is not None else None
-    records = [counterfact_record(raw, i, table) for i, raw in enumerate(_limited(_read_list(path, "CounterFact"), n))]
-    _unique_case_ids(records, Path(path).name)
-    return records
+    return _collect(
+        raws, lambda raw, i: counterfact_record(raw, i, table), name=name, n=n, strict=strict, key=lambda r: r.case_id
+    )
 
 
 def load_zsre(
-    path: str | os.PathLike[str], *, target: Literal["answers", "alt"] = "answers", n: int | None = None
-) -> list[ZsreRecord]:
-    """Read a zsRE JSON file (MEND's ``zsre_mem_eval.json`` format; the first ``n`` records, or all)."""
-    return [zsre_record(raw, i, target) for i, raw in enumerate(_limited(_read_list(path, "zsRE"), n))]
+    path: str | os.PathLike[str],
+    *,
+    target: Literal["answers", "alt"] = "answers",
+    n: int | None = None,
+    strict: bool = False,
+) -> LoadedRecords[ZsreRecord]:
+    """Read a zsRE JSON file (MEND's ``zsre_mem_eval.json`` format): its first ``n`` usable records, or all.
+
+    A malformed record is skipped and listed in ``.skipped`` (with a warning), or with
+    ``strict=True`` refused.
+    """
+    return _zsre_records(_read_list(path, "zsRE"), Path(path).name, target, n, strict)
+
+
+def _zsre_records(
+    raws: list[Any], name: str, target: Literal["answers", "alt"], n: int | None, strict: bool
+) -> LoadedRecords[ZsreRecord]:
+    if target not in ("answers", "alt"):
+        raise ValueError(f"target must be 'answers' (the paper's code) or 'alt', got {target!r}")
+    return _collect(raws, lambda raw, i: zsre_record(raw, i, target), name=name, n=n, strict=strict)
 
 
 def load_records(
-    path: str | os.PathLike[str], *, n: int | None = None, snippets: str | os.PathLike[str] | None = None
-) -> list[CounterFactRecord] | list[ZsreRecord]:
+    path: str | os.PathLike[str],
+    *,
+    n: int | None = None,
+    snippets: str | os.PathLike[str] | None = None,
+    strict: bool = False,
+) -> LoadedRecords[CounterFactRecord] | LoadedRecords[ZsreRecord]:
     """Read a CounterFact or a zsRE file, telling them apart by their first record's fields."""
-    first = next(iter(_read_list(path, "dataset")), None)
+    raws = _read_list(path, "dataset")  # read once: a 20,000-record file is parsed a single time
+    first = next(iter(raws), None)
     if isinstance(first, Mapping) and "requested_rewrite" in first:
-        return load_counterfact(path, snippets=snippets, n=n)
+        return _counterfact_records(raws, Path(path).name, snippets, n, strict)
     if isinstance(first, Mapping) and "src" in first:
-        return load_zsre(path, n=n)
+        return _zsre_records(raws, Path(path).name, "answers", n, strict)
     raise DatasetFormatError(
         f"{Path(path).name}: the first record has neither 'requested_rewrite' (CounterFact) nor 'src' (zsRE); "
         "pass a CounterFact / MultiCounterFact or zsRE JSON file"
@@ -396,7 +518,7 @@ def load_factset(
     """
     data = resources.files("memit_lab") / "data"
     with resources.as_file(data / FACTSET_FILE) as facts, resources.as_file(data / SNIPPETS_FILE) as snips:
-        records = load_counterfact(facts, snippets=snips)
+        records = load_counterfact(facts, snippets=snips, strict=True)  # the bundled file has no bad record
     wanted = None if relations is None else set(relations)
     if wanted is not None and (missing := wanted - {r.relation_id for r in records}):
         raise KeyError(
@@ -409,4 +531,5 @@ def load_factset(
         and (wanted is None or r.relation_id in wanted)
         and (where is None or where(r))
     ]
-    return _limited(kept, n)
+    _check_n(n)
+    return kept if n is None else kept[:n]

@@ -1,5 +1,6 @@
 """The command line prints what the README says it prints, and fails with a message, not a traceback."""
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -151,3 +152,29 @@ def test_eval_with_batch_size_edits_batch_after_batch_and_prints_the_diagnostics
     assert table.edits.tolist() == [0, 2, 3] and table.perplexity.notna().all()
     assert main([*args[:-2], "--batch-size", "0"]) == 2
     assert "--n and --batch-size must be at least 1" in capsys.readouterr().err
+
+
+def test_eval_data_skips_malformed_records_and_names_them_unless_strict(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real zsRE file with one empty answer is edited without it (reported by index); --strict refuses it."""
+    data = json.loads((Path(__file__).parent / "fixtures" / "zsre_small.json").read_text())
+    data.insert(1, {**data[0], "answers": [""]})
+    path = tmp_path / "zsre.json"
+    path.write_text(json.dumps(data))
+    edited: list[Any] = []
+
+    def scored(lm: Any, records: Any, method: str, args: Any) -> pd.DataFrame:  # the edit itself is tested above
+        edited.extend(records)
+        return pd.DataFrame({"efficacy": [0.0]})
+
+    monkeypatch.setattr("memit_lab.cli._eval_together", scored)
+    assert main(["eval", "--model", "tiny-gpt2", "--data", str(path), "--n", "5"]) == 0
+    printed = capsys.readouterr().out
+    assert "zsre.json: skipped 1 of 3 records (indices 1): record 1: answers[0] must be a non-empty string" in printed
+    assert "Pass --strict" in printed and "2 records from" in printed
+    assert [r.subject for r in edited] == ["Lyon", "Ludwig van Beethoven"]
+    edited.clear()
+    assert main(["eval", "--model", "tiny-gpt2", "--data", str(path), "--strict"]) == 2
+    assert "record 1: answers[0] must be a non-empty string" in capsys.readouterr().err
+    assert edited == []  # refused before any model was loaded or edited

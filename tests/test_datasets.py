@@ -13,6 +13,7 @@ from memit_lab.datasets import (
     DatasetFormatError,
     load_counterfact,
     load_factset,
+    load_records,
     load_snippets,
     load_zsre,
 )
@@ -76,16 +77,44 @@ def test_malformed_counterfact_records_are_refused_by_name(tmp_path: Path, mutat
     data = json.loads(COUNTERFACT.read_text())
     bad = copy.deepcopy(data[0])
     mutate(bad)
+    path = _write(tmp_path, [bad, *data[1:]])
     with pytest.raises(DatasetFormatError) as err:
-        load_counterfact(_write(tmp_path, [bad, *data[1:]]))
+        load_counterfact(path, strict=True)
     assert message in str(err.value)
     assert str(err.value).startswith("record 0")
+    # By default the same record is skipped, and reported with the same message.
+    with pytest.warns(UserWarning, match="data.json: skipped 1 of 3 records") as caught:
+        records = load_counterfact(path)
+    assert [r.case_id for r in records] == [12, 13]
+    assert [s.index for s in records.skipped] == [0] and message in records.skipped[0].reason
+    assert message in str(caught[0].message) and "strict=True" in str(caught[0].message)
+
+
+def test_skipping_keeps_the_first_of_a_duplicate_and_counts_n_in_usable_records(tmp_path: Path) -> None:
+    data = json.loads(COUNTERFACT.read_text())
+    broken = {"case_id": 99, "requested_rewrite": {}}
+    path = _write(tmp_path, [broken, data[0], data[1], data[1], data[2]])
+    with pytest.warns(UserWarning, match="skipped 2 of 5 records"):
+        records = load_counterfact(path)
+    assert [r.case_id for r in records] == [11, 12, 13]
+    assert [s.index for s in records.skipped] == [0, 3]
+    assert "record 3: case_id 12 occurs twice" in records.skipped[1].reason
+    with pytest.warns(UserWarning, match="skipped 1 of 3 records"):
+        first_two = load_counterfact(path, n=2)  # n counts the records kept, not the records read
+    assert [r.case_id for r in first_two] == [11, 12] and len(first_two.skipped) == 1
+    assert "indices 0, 3" in records.report() and "none skipped" in load_counterfact(COUNTERFACT).report()
+
+
+def test_a_file_with_no_usable_record_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(DatasetFormatError, match="none of the 2 records read is usable"):
+        load_counterfact(_write(tmp_path, [{"case_id": 1}, {"case_id": 2}]))
+    assert load_counterfact(_write(tmp_path, [])) == []
 
 
 def test_malformed_files(tmp_path: Path) -> None:
     data = json.loads(COUNTERFACT.read_text())
-    with pytest.raises(DatasetFormatError, match="case_id 12 occurs twice"):
-        load_counterfact(_write(tmp_path, [data[0], data[1], data[1]]))
+    with pytest.raises(DatasetFormatError, match="record 2: case_id 12 occurs twice"):
+        load_counterfact(_write(tmp_path, [data[0], data[1], data[1]]), strict=True)
     with pytest.raises(DatasetFormatError, match="holds a JSON dict"):
         load_counterfact(_write(tmp_path, {"records": data}))
     (tmp_path / "broken.json").write_text('[{"case_id": 1,')
@@ -119,9 +148,13 @@ def test_zsre_fixture_and_target_choice() -> None:
 def test_malformed_zsre_records_are_refused(tmp_path: Path, field: str, value: Any, message: str) -> None:
     data = json.loads(ZSRE.read_text())
     data[1][field] = value
+    path = _write(tmp_path, data)
     with pytest.raises(DatasetFormatError) as err:
-        load_zsre(_write(tmp_path, data))
+        load_zsre(path, strict=True)
     assert str(err.value).startswith("record 1: ") and message in str(err.value)
+    with pytest.warns(UserWarning, match="skipped 1 of 2 records"):
+        records = load_records(path)  # told apart as zsRE, skipping the same way
+    assert [r.subject for r in records] == ["Lyon"] and message in records.skipped[0].reason
 
 
 def test_zsre_alt_target_needs_alt(tmp_path: Path) -> None:
@@ -129,7 +162,18 @@ def test_zsre_alt_target_needs_alt(tmp_path: Path) -> None:
     del data[0]["alt"]
     assert load_zsre(_write(tmp_path, data))[0].alt == ""
     with pytest.raises(DatasetFormatError, match="record 0: alt must be"):
-        load_zsre(_write(tmp_path, data), target="alt")
+        load_zsre(_write(tmp_path, data), target="alt", strict=True)
+
+
+def test_an_empty_alt_is_skipped_only_where_it_is_the_target(tmp_path: Path) -> None:
+    """zsRE's eval file has one record whose alt is empty: unused with the paper's target, skipped with alt's."""
+    data = json.loads(ZSRE.read_text())
+    data[1]["alt"] = ""
+    path = _write(tmp_path, data)
+    assert [r.alt for r in load_zsre(path, strict=True)] == ["Belgium", ""]
+    with pytest.warns(UserWarning, match=r"skipped 1 of 2 records \(indices 1\): record 1: alt must be"):
+        records = load_zsre(path, target="alt")
+    assert [r.target for r in records] == ["Belgium"]
 
 
 # --- the bundled fact set ----------------------------------------------------------------------------------------
