@@ -86,16 +86,51 @@ def _tour_trace(lm: LoadedModel, samples: int) -> None:
     prompt, subject = DEMO_TRACE
     window = min(10, lm.n_layers)
     result = trace(lm, prompt, subject, kind="mlp", window=window, samples=samples)
-    last = result.subject_span[1] - 1
-    effect = result.indirect_effect[:, last].tolist()
+    start, end = result.subject_span
+    effect = result.indirect_effect  # [layer, pos]
+    # The token where restoring MLPs helps most: on the bundled model not the last subject token, where the
+    # effect is about zero (a newcomer would read "nowhere").
+    strongest = start + int(effect[:, start:end].max(dim=0).values.argmax())
     print(
         f"\n2. Where is the fact? Causal tracing of {prompt!r} -> {result.target!r} (ROME section 2.1):\n"
         f"   P clean {result.clean_prob:.3f}; subject {subject!r} corrupted with noise: {result.corrupted_prob:.3f}.\n"
-        f"   Restoring the MLP outputs of {window} layers around layer l at the last subject token "
-        f"{result.tokens[last]!r} brings back:"
+        f"   Restoring the MLP outputs of {window} layers around layer l at one subject token brings back"
+        " (P restored - P corrupted):"
     )
-    for lo in range(0, len(effect), 10):
-        print("   " + "  ".join(f"l{layer:<2d} {e:+.2f}" for layer, e in enumerate(effect[lo : lo + 10], start=lo)))
+    for pos in sorted({strongest, end - 1}):
+        roles = [name for name, at in (("strongest", strongest), ("last", end - 1)) if at == pos]
+        print(f"   at {result.tokens[pos]!r} ({' and '.join(roles)} subject token):")
+        row = effect[:, pos].tolist()
+        for lo in range(0, len(row), 10):
+            print("   " + "  ".join(f"l{layer:<2d} {e:+.2f}" for layer, e in enumerate(row[lo : lo + 10], start=lo)))
+    single = trace(lm, prompt, subject, kind="mlp", window=1, samples=samples, positions=[strongest])
+    _say_what_the_trace_shows(
+        effect[:, strongest].tolist(), single.indirect_effect[:, strongest].tolist(), result.tokens[strongest], window
+    )
+
+
+def _say_what_the_trace_shows(effect: list[float], single: list[float], token: str, window: int) -> None:
+    """The peak, and whether it comes from windows that hold MLP 0 (the layer-0 confound), with single layers."""
+    from .tracing import restored_window
+
+    n = len(effect)
+    peak = max(range(n), key=effect.__getitem__)
+    print(f"   The largest effect is at {token!r}, l{peak}: {effect[peak]:+.2f}.", end="")
+    without_0 = [layer for layer in range(n) if 0 not in restored_window(layer, window, n)]
+    if 0 not in restored_window(peak, window, n) or not without_0:
+        print(" Those MLPs carry part of what the corrupted subject lost.")
+        return
+    best = max(without_0, key=effect.__getitem__)
+    window_best = restored_window(best, window, n)
+    above = max(range(1, n), key=single.__getitem__)
+    print(
+        f"\n   Every window up to l{without_0[0] - 1} holds MLP 0; the best window without it (l{best}, layers "
+        f"{window_best[0]}-{window_best[-1]}) brings back {effect[best]:+.2f}.\n"
+        f"   One layer at a time at {token!r}: MLP 0 alone brings back {single[0]:+.2f}, the best other layer "
+        f"(MLP {above}) {single[above]:+.2f}.\n"
+        "   MLP 0 reads little more than the corrupted embedding, so restoring its output undoes much of the\n"
+        "   corruption itself: windows that hold it do not show where the fact is recalled (the layer-0 confound)."
+    )
 
 
 def _tour_edit(lm: LoadedModel, args: argparse.Namespace) -> None:
@@ -119,6 +154,11 @@ def _tour_edit(lm: LoadedModel, args: argparse.Namespace) -> None:
             f"\n3. Which layers to edit? Averaged over {rec.per_fact.shape[0]} known facts, the {rec.n} MLP layers "
             f"that bring back the most are R = {layers[0]}-{layers[-1]} (effect {float(rec.effect.max()):.2f}){note}."
         )
+        if 0 in layers:
+            print(
+                "   That R holds MLP 0, which can stand in for the corrupted token (step 2): this criterion is fooled\n"
+                "   by it. The measured defaults are checked by edit quality (memit_lab.hparams.MODEL_DEFAULTS)."
+            )
     defaults = measured or MemitHyperParams(tuple(layers))
     records = load_factset(known=True, n=args.edits)
     hparams = defaults.replace(layers=layers, stats_tokens=args.stats_tokens or defaults.stats_tokens)

@@ -23,6 +23,10 @@ def test_demo_tour_on_the_bundled_model(capsys: pytest.CaptureFixture[str]) -> N
     out = capsys.readouterr().out
     assert "' Paris'" in out and "' Tokyo'" in out
     assert "2. Where is the fact?" in out and "3. Which layers to edit?" in out and "memit: 3 facts edited" in out
+    # The trace shown is the subject token where restoring MLPs helps, with the layer-0 confound measured.
+    assert "at 'iffel' (strongest subject token):" in out and "at ' Tower' (last subject token):" in out
+    single = out[out.index("One layer at a time") :].split("\n")[0]
+    assert float(single.split("MLP 0 alone brings back ")[1].split(",")[0]) > 0.2, single
     # The before/after table (prompt, true, new, then P(true), P(new) before, P(true), P(new) after), then the scores.
     edited = out[out.index("memit: 3 facts edited") :].splitlines()
     table = [line.split() for line in edited[3:6]]
