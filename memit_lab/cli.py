@@ -156,8 +156,8 @@ def _tour_edit(lm: LoadedModel, args: argparse.Namespace) -> None:
         )
         if 0 in layers:
             print(
-                "   That R holds MLP 0, which can stand in for the corrupted token (step 2): this criterion is fooled\n"
-                "   by it. The measured defaults are checked by edit quality (memit_lab.hparams.MODEL_DEFAULTS)."
+                "   That R holds MLP 0: by step 2, part of its effect can be the corrupted token's identity rather\n"
+                "   than the fact. Measured defaults are checked by edit quality (memit_lab.hparams.MODEL_DEFAULTS)."
             )
     defaults = measured or MemitHyperParams(tuple(layers))
     records = load_factset(known=True, n=args.edits)
