@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
+import timeit
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -65,12 +65,7 @@ def zsre_raw(i: int) -> dict[str, Any]:
 
 
 def best_of(repeats: int, fn: Callable[[], object]) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return min(timeit.repeat(fn, number=1, repeat=repeats))
 
 
 def main() -> None:
