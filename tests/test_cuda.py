@@ -74,8 +74,8 @@ def _nll(lm: LoadedModel, requests: list) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.as_tensor(new).cpu(), torch.as_tensor(true).cpu()
 
 
-def _edit_on(lm: LoadedModel, reference: dict, hp: MemitHyperParams) -> None:
-    """Edit ``lm`` as the reference did; compare the updates and the answers; restore bit for bit."""
+def _edit_on(lm: LoadedModel, reference: dict, hp: MemitHyperParams, bound: float = 0.1) -> None:
+    """Edit ``lm`` as the reference did; compare the updates (relative gap < ``bound``) and the answers; restore."""
     saved_all = {layer: lm.adapter.w_out_parameter(lm.model, layer).detach().clone() for layer in hp.layers}
     moments = {layer: m.to(lm.device) for layer, m in reference["moments"].items()}
     result = apply_memit(lm, reference["requests"], hp, contexts=reference["contexts"], second_moments=moments)
@@ -86,7 +86,7 @@ def _edit_on(lm: LoadedModel, reference: dict, hp: MemitHyperParams) -> None:
             representable = (w0 + delta_ref).to(lm.dtype).float() - w0
             delta = _w_out(lm, layer) - w0
             relative = float((delta - representable).norm() / representable.norm())
-            assert relative < 0.1, f"layer {layer}: ||Delta - Delta_fp32_cpu|| / ||Delta_fp32_cpu|| = {relative:.3g}"
+            assert relative < bound, f"layer {layer}: ||Delta - Delta_ref|| / ||Delta_ref|| = {relative:.3g} >= {bound}"
         new, true = _nll(lm, reference["requests"])
         assert torch.equal(new < true, reference["wins"]), "the edit lands on other facts than in float32 on the CPU"
     finally:
@@ -105,8 +105,11 @@ def test_memit_on_cuda_with_reduced_precision_replay_matches_float32_on_the_cpu(
 def test_memit_on_a_cuda_model_held_in_reduced_precision_matches_float32_on_the_cpu(
     reference: dict, dtype: str
 ) -> None:
+    # Keys, hidden states and z are all computed in 16 bits here. Measured with this test on the CPU
+    # (MEMIT_LAB_TEST_DEVICE=cpu, 2026-12-03): the gap per layer 0.027-0.035 in float16 and 0.098-0.142 in
+    # bfloat16 (3 fewer mantissa bits), the same 7 of 8 facts won; the bounds leave about 2x for the device.
     lm = load_model("smollm2-135m", device=DEVICE, dtype=getattr(torch, dtype))
-    _edit_on(lm, reference, reference["hp"])
+    _edit_on(lm, reference, reference["hp"], bound={"float16": 0.1, "bfloat16": 0.3}[dtype])
 
 
 @pytest.mark.parametrize("dtype", REDUCED)
