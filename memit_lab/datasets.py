@@ -34,7 +34,8 @@ Nothing is downloaded: pass a file you have. The formats are the paper's:
   format. :func:`load_factset` reads it.
 
 Every record is checked when loaded. Real files have a few bad records (zsRE's eval file has
-one whose ``alt`` is empty), so by default a malformed record is **skipped and reported**: the
+one whose ``alt`` is empty: bad where ``alt`` is the edit target), so by default a malformed
+record is **skipped and reported**: the
 loaders return a :class:`LoadedRecords` list whose ``.skipped`` names each one (position,
 ``case_id``, the field to fix) and warn with a summary. ``strict=True`` refuses the file at its
 first bad record instead, raising :class:`DatasetFormatError` with the same message.
