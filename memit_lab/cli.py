@@ -252,7 +252,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             loaded = load_records(args.data, snippets=args.snippets, n=args.n, strict=args.strict)
         if loaded.skipped:
             print(loaded.report(show=len(loaded.skipped)) + " Pass --strict to refuse such a file instead.")
-        records = list(loaded)
+        records = loaded
     else:
         records = load_factset(known=True if args.known_only else None)[: args.n]
     lm = _load(args)

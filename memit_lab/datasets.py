@@ -384,16 +384,18 @@ def _collect(
             break
         try:
             record = parse(raw, index)
-            if key is not None and key(record) in seen:
+            case = key(record) if key is not None else None
+            if case is not None and case in seen:
                 raise DatasetFormatError(
-                    f"record {index}: case_id {key(record)} occurs twice in {name}; case ids must be unique"
+                    f"record {index}: case_id {case} occurs twice in {name}; case ids must be unique"
                 )
         except DatasetFormatError as err:
             if strict:
                 raise
             skipped.append(SkippedRecord(index, str(err)))
             continue
-        seen.add(key(record) if key is not None else index)
+        if case is not None:
+            seen.add(case)
         kept.append(record)
     records = LoadedRecords(kept, skipped, name=name)
     if skipped and not kept:
@@ -478,8 +480,6 @@ def load_zsre(
 def _zsre_records(
     raws: list[Any], name: str, target: Literal["answers", "alt"], n: int | None, strict: bool
 ) -> LoadedRecords[ZsreRecord]:
-    if target not in ("answers", "alt"):
-        raise ValueError(f"target must be 'answers' (the paper's code) or 'alt', got {target!r}")
     return _collect(raws, lambda raw, i: zsre_record(raw, i, target), name=name, n=n, strict=strict)
 
 
