@@ -61,6 +61,7 @@ from .rome import apply_rome
 from .zopt import ZParams, ZResult, optimise_z
 
 __all__ = [
+    "COMMITTED_CELLS",
     "METHODS",
     "PLANS",
     "SCALES",
@@ -68,6 +69,7 @@ __all__ = [
     "Plan",
     "Sweep",
     "TargetPool",
+    "agreement",
     "cached_run",
     "default_hparams",
     "edit_demo",
@@ -406,6 +408,20 @@ def _cell_key(lm: LoadedModel, records: Sequence[Record], method: str, hparams: 
     return hashlib.blake2b(blob, digest_size=16).hexdigest()
 
 
+#: The cells of notebooks 04-06 at the ``small`` plan, committed (``scripts/commit_cells.py`` computes them from an
+#: empty cache): a fresh clone reads them instead of spending ten minutes of edits. Each notebook that reads them
+#: re-runs one of them live and shows the two agree. ``MEMIT_LAB_COMMITTED_CELLS=0`` ignores them.
+COMMITTED_CELLS = Path(__file__).parent / "data" / "cells"
+
+
+def _committed_cell(key: str) -> Path | None:
+    """The committed copy of the cell ``key``, or ``None`` (none committed, or switched off)."""
+    if os.environ.get("MEMIT_LAB_COMMITTED_CELLS", "1").strip() == "0":
+        return None
+    folder = COMMITTED_CELLS / key
+    return folder if read_manifest(folder) is not None else None
+
+
 def _load_cell(folder: Path) -> pd.DataFrame | None:
     manifest = read_manifest(folder)
     if manifest is None:
@@ -436,16 +452,21 @@ def cached_run(
 
     The key holds the model's fingerprint, the records, the method, its hyper-parameters
     and the scoring options; the entry (a CSV and a manifest) is written atomically under
-    ``cache_root()/experiments`` as soon as the run ends, so long studies resume. ``targets``
+    ``cache_root()/experiments`` as soon as the run ends, so long studies resume; a cell of
+    :data:`COMMITTED_CELLS` is read as if it were in the cache. ``targets``
     (MEMIT's shared z, see :class:`TargetPool`) is not part of the key: it is the z the run would
     compute itself.
     """
     chosen = list(records)
     options = {"generation": generation, "max_new_tokens": max_new_tokens}
     hparams = default_hparams(lm, method) if hparams is None else hparams
-    folder = cache_root() / "experiments" / _cell_key(lm, chosen, method, hparams, options)
+    key = _cell_key(lm, chosen, method, hparams, options)
+    folder = cache_root() / "experiments" / key
     with locked(folder) if cache else contextlib.nullcontext():
         frame = _load_cell(folder) if cache else None
+        committed = _committed_cell(key) if cache and frame is None else None
+        if committed is not None:
+            frame = _load_cell(committed)
         if frame is None:
             frame = run_edits(lm, chosen, method, hparams=hparams, targets=targets, progress=False, **options)
             if cache:
@@ -453,6 +474,23 @@ def cached_run(
         else:
             log.info("%s n=%d read from %s", method, len(chosen), folder)
     return frame
+
+
+def agreement(live: pd.DataFrame, stored: pd.DataFrame) -> pd.DataFrame:
+    """A run computed now beside the stored run of the same cell (cached or committed): per score, both means and
+    the largest per-record difference. Notebooks show it for one cell of what they read from disk.
+
+    Example:
+        >>> live = pd.DataFrame({"case_id": [1, 2], "es": [1.0, 0.0], "em": [0.5, -0.25]})
+        >>> agreement(live, live.iloc[::-1]).to_dict("index")["em"]
+        {'live': 0.125, 'stored': 0.125, 'largest |difference|': 0.0}
+    """
+    if sorted(live.case_id) != sorted(stored.case_id):
+        raise ValueError("live and stored must score the same records (case_id); pass the same cell's two runs")
+    scores = [c for c in ("es", "ps", "ns", "em", "pm", "nm", "ge", "rs") if c in live.columns and c in stored.columns]
+    a = live.set_index("case_id")[scores].astype(float)
+    b = stored.set_index("case_id")[scores].astype(float).loc[a.index]
+    return pd.DataFrame({"live": a.mean(), "stored": b.mean(), "largest |difference|": (a - b).abs().max()})
 
 
 @dataclass(frozen=True)
@@ -523,8 +561,9 @@ def _sequential_prefixes(
     ``on_edit``). A cell's edit time is the run's time up to that edit, scoring excluded.
     """
     hparams = default_hparams(lm, "rome-seq") if hparams is None else hparams
-    folders = {n: cache_root() / "experiments" / _cell_key(lm, records[:n], "rome-seq", hparams, options) for n in ns}
-    todo = {n for n in ns if read_manifest(folders[n]) is None}
+    keys = {n: _cell_key(lm, records[:n], "rome-seq", hparams, options) for n in ns}
+    folders = {n: cache_root() / "experiments" / key for n, key in keys.items()}
+    todo = {n for n in ns if read_manifest(folders[n]) is None and _committed_cell(keys[n]) is None}
     if not todo:
         return
     clock = {"edit": 0.0, "since": time.perf_counter()}

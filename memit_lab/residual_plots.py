@@ -20,11 +20,13 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 from matplotlib.axes import Axes
+from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 from .residual import LogitAttribution, LogitLens
 
-__all__ = ["plot_attribution", "plot_logit_lens"]
+__all__ = ["plot_attribution", "plot_logit_lens", "token_label"]
 
 
 def _figure(ax: Axes | None, size: tuple[float, float]) -> tuple[Figure, Axes]:
@@ -34,15 +36,34 @@ def _figure(ax: Axes | None, size: tuple[float, float]) -> tuple[Figure, Axes]:
     return fig, new_ax
 
 
+def token_label(token: str, width: int = 8) -> str:
+    """A token as a heatmap cell shows it: spaces as ``␣`` and escapes visible, cut to ``width`` characters.
+
+    Example:
+        >>> token_label(" the"), token_label("\\n"), token_label(" Constantinople")
+        ('␣the', '\\\\n', '␣Constan')
+    """
+    return repr(token)[1:-1].replace(" ", "\u2423")[:width]
+
+
 def plot_logit_lens(
-    lens: LogitLens, *, value: str = "target_prob", annotate: bool = True, ax: Axes | None = None
+    lens: LogitLens,
+    *,
+    value: str = "target_prob",
+    annotate: bool = True,
+    subject: tuple[int, int] | None = None,
+    ax: Axes | None = None,
 ) -> tuple[Figure, pd.DataFrame]:
     """Heatmap of the logit lens: states h^L (rows) by prompt tokens (columns).
+
+    The colour scale is logarithmic (1e-4 to 1): P(target) is below 1e-2 in most cells, where a linear
+    scale would leave them all white.
 
     Args:
         lens: from :func:`memit_lab.residual.logit_lens`.
         value: the colour: ``"target_prob"`` (P of the target) or ``"top_prob"``.
-        annotate: write each cell's top-1 token in it.
+        annotate: write each cell's top-1 token in it (:func:`token_label`: ``␣`` is a space).
+        subject: ``(start, end)`` token positions of the subject (end exclusive): framed, their labels in red.
         ax: draw into these axes instead of a new figure.
 
     Returns:
@@ -51,26 +72,31 @@ def plot_logit_lens(
     if value not in ("target_prob", "top_prob"):
         raise ValueError(f"value must be 'target_prob' or 'top_prob', got {value!r}")
     frame = lens.to_frame()
-    columns = [f"{pos}:{token!r}" for pos, token in enumerate(lens.tokens)]
+    columns = [f"{pos}:{token_label(token, 12)}" for pos, token in enumerate(lens.tokens)]
     grid = frame.pivot(index="layer", columns="pos", values=value)
     grid.index, grid.columns = list(lens.labels), columns
     fig, ax = _figure(ax, (1.0 * len(columns) + 2.5, 0.32 * len(lens.labels) + 1.8))
-    annot = frame.pivot(index="layer", columns="pos", values="top_token").map(lambda t: repr(t)[1:-1][:8])
+    annot = frame.pivot(index="layer", columns="pos", values="top_token").map(token_label)
     sns.heatmap(
-        grid,
+        grid.clip(lower=1e-4),
         ax=ax,
-        vmin=0.0,
-        vmax=1.0,
-        cmap="Blues",
+        norm=LogNorm(vmin=1e-4, vmax=1.0),
+        cmap="viridis",
         annot=annot.to_numpy() if annotate else False,
         fmt="",
         annot_kws={"fontsize": 7},
-        cbar_kws={"label": "P(target)" if value == "target_prob" else "P(top-1 token)"},
+        cbar_kws={"label": ("P(target)" if value == "target_prob" else "P(top-1 token)") + ", log scale"},
     )
     ax.invert_yaxis()  # h0 at the bottom: the stream flows upwards, as in the paper's figures
-    ax.set_xlabel("position: token")
+    if subject is not None:
+        start, end = subject
+        ax.add_patch(Rectangle((start, 0), end - start, len(lens.labels), fill=False, edgecolor="red", linewidth=2))
+        for pos, label in enumerate(ax.get_xticklabels()):
+            if start <= pos < end:
+                label.set_color("red")
+    ax.set_xlabel("position: token" + ("   (red: the subject)" if subject is not None else ""))
     ax.set_ylabel("residual state (after L blocks)")
-    ax.set_title(f"Logit lens: top-1 token in each cell, colour = P({lens.target!r})")
+    ax.set_title(f"Logit lens: top-1 token in each cell (␣ = space), colour = P({lens.target!r})")
     fig.tight_layout()
     return fig, frame
 

@@ -1,5 +1,6 @@
 """The experiment runner edits, scores and restores the model bit for bit; sweeps resume from their cache."""
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ from helpers import WeightSnapshot
 
 import memit_lab.experiments as experiments
 from memit_lab import LoadedModel, load_model
-from memit_lab.cache import write_manifest
+from memit_lab.cache import read_manifest, write_manifest
 from memit_lab.datasets import CounterFactRecord, load_factset
 from memit_lab.experiments import (
     METHODS,
@@ -96,6 +97,51 @@ def test_unedited_run_and_sweep_cache(tmp_path: Path, monkeypatch: pytest.Monkey
     (folder / "frame.csv").write_text((folder / "frame.csv").read_text() + "\n")
     fresh = scaling_sweep(lm, records, ns=[2, 4], methods=["unedited"], progress=False)
     pd.testing.assert_frame_equal(fresh.frame, sweep.frame)
+
+
+def test_committed_cells_are_read_like_cached_ones_and_can_be_switched_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lm, records = load_model("tiny-gpt2"), _records(3)
+    monkeypatch.setenv("MEMIT_LAB_CACHE", str(tmp_path / "maker"))
+    computed = cached_run(lm, records, "unedited")
+    committed = tmp_path / "committed"
+    shutil.copytree(tmp_path / "maker" / "experiments", committed, ignore=shutil.ignore_patterns("*.lock"))
+    folder = next(committed.iterdir())
+    poisoned = pd.read_csv(folder / "frame.csv").assign(es=0.5)  # shows which copy a run reads
+    poisoned.to_csv(folder / "frame.csv", index=False)
+    write_manifest(folder, {"edit_seconds": 1.5})
+    monkeypatch.setattr(experiments, "COMMITTED_CELLS", committed)
+    monkeypatch.setenv("MEMIT_LAB_CACHE", str(tmp_path / "fresh"))
+    read = cached_run(lm, records, "unedited")
+    assert read.es.tolist() == [0.5] * 3 and read.attrs["edit_seconds"] == 1.5
+    assert not (tmp_path / "fresh" / "experiments" / folder.name).exists()  # read in place, not copied
+    monkeypatch.setenv("MEMIT_LAB_COMMITTED_CELLS", "0")
+    pd.testing.assert_frame_equal(cached_run(lm, records, "unedited"), computed)
+    # A committed cell changed after its manifest is never used.
+    monkeypatch.delenv("MEMIT_LAB_COMMITTED_CELLS")
+    (folder / "frame.csv").write_text((folder / "frame.csv").read_text() + "\n")
+    pd.testing.assert_frame_equal(cached_run(lm, records, "unedited"), computed)
+
+
+def test_the_committed_cells_are_the_small_plans_sweep_and_intact(smollm: LoadedModel) -> None:
+    # Notebooks 04-05 read this sweep; a change of the plan, the fact set or a default that is not followed by
+    # scripts/commit_cells.py would make every fresh clone compute it again (correct, but ten minutes slower).
+    small = experiments.PLANS["small"]
+    records = load_factset(known=True)
+    options = {"generation": small.generation, "max_new_tokens": 100}
+    missing = [
+        (method, n)
+        for method in ("unedited", *small.methods)
+        for n in (small.sweep_ns[-1:] if method == "unedited" else small.sweep_ns)
+        if experiments._committed_cell(
+            experiments._cell_key(smollm, records[:n], method, default_hparams(smollm, method), options)
+        )
+        is None
+    ]
+    assert not missing, f"not committed: {missing}; run scripts/commit_cells.py"
+    cells = [c for c in experiments.COMMITTED_CELLS.iterdir() if c.is_dir()]
+    assert all(read_manifest(c, full_check=True) is not None for c in cells)
 
 
 def test_memit_cells_of_a_sweep_share_one_z_optimisation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

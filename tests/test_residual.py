@@ -293,11 +293,13 @@ def test_plots_return_the_figure_and_the_data_they_drew() -> None:
     lm = load_model("tiny-neox")
     cache = run_with_cache(lm, PROMPT)
     lens = logit_lens(lm, cache, "Paris")
-    fig, frame = plot_logit_lens(lens)
+    fig, frame = plot_logit_lens(lens, subject=(1, 3))
     assert frame.equals(lens.to_frame())
-    # Every cell is annotated with its top token, escaped and cut to 8 characters.
+    # Every cell is annotated with its top token, escaped, spaces shown as ␣, cut to 8 characters.
     texts = sorted(t.get_text() for t in fig.axes[0].texts)
-    assert texts == sorted(repr(t)[1:-1][:8] for row in lens.top_tokens for t in row)
+    assert texts == sorted(repr(t)[1:-1].replace(" ", "\u2423")[:8] for row in lens.top_tokens for t in row)
+    colours = [label.get_color() for label in fig.axes[0].get_xticklabels()]
+    assert colours[1:3] == ["red", "red"] and "red" not in colours[:1] + colours[3:]
     plt.close(fig)
     attr = direct_logit_attribution(lm, cache, "Paris")
     fig, frame = plot_attribution(attr)
