@@ -292,9 +292,11 @@ class AlphaEditHyperParams(_HyperParams):
 #: MEMIT on the bundled model: R = 0-4, causal tracing's recommendation (notebook 02: restoring the MLP outputs of
 #: layers 0-4 together at the last subject token brings back 0.448 of P(target) on average, those of 3-7 0.119;
 #: L = 4 keeps z well below where attention starts moving the fact, ~14). lambda = 1,500, not the paper's 15,000:
-#: at one layer eq. 14 writes about d_mlp / (lambda + d_mlp) of the residual (notebook 03), 52% for GPT-J's
-#: d_mlp = 16,384 at 15,000 but 9% for this model's 1,536; 1,500 restores the paper's share. The z settings are the
-#: paper's GPT-J values.
+#: for a key typical of the statistics' text (E[k^T C^-1 k] = d_mlp) eq. 14 writes about d_mlp / (lambda + d_mlp)
+#: of the residual at one layer (notebook 03), 52% for GPT-J's d_mlp = 16,384 at 15,000 but 9% for this model's
+#: 1,536, so lambda's scale should follow d_mlp. Subject keys are not typical (the Eiffel Tower's at layer 4:
+#: k^T C^-1 k = 9,314, ~6 d_mlp, so 38% written at 15,000 and 86% at 1,500): the argument sets the scale, the
+#: value comes from the measurement below. The z settings are the paper's GPT-J values.
 #: Measured (first 100 records of the fact set edited at once, CounterFact %; unedited S 29.8, ES 24.0, PS 21.5,
 #: NS 80.2):
 #:
