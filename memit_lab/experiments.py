@@ -409,7 +409,7 @@ def _cell_key(lm: LoadedModel, records: Sequence[Record], method: str, hparams: 
 
 
 #: The cells of notebooks 04-06 at the ``small`` plan, committed (``scripts/commit_cells.py`` computes them from an
-#: empty cache): a fresh clone reads them instead of spending ten minutes of edits. Each notebook that reads them
+#: empty cache): a fresh clone reads them instead of spending about 13 minutes of edits. Each notebook that reads them
 #: re-runs one of them live and shows the two agree. ``MEMIT_LAB_COMMITTED_CELLS=0`` ignores them.
 COMMITTED_CELLS = Path(__file__).parent / "data" / "cells"
 

@@ -1,6 +1,6 @@
 """Re-execute notebooks 04-06 on an empty cache and commit the edit runs they compute (memit_lab/data/cells).
 
-    python scripts/commit_cells.py            # about 12 minutes on two cores
+    python scripts/commit_cells.py            # about 13 minutes on two cores
 
 Notebooks 04-06 read their sweeps (Figure 5, Table 1, the relation study, the trade-off grid) through
 memit_lab.experiments.cached_run. Computed on a fresh clone, those runs are most of what `make test` would

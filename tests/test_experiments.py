@@ -124,6 +124,17 @@ def test_committed_cells_are_read_like_cached_ones_and_can_be_switched_off(
     pd.testing.assert_frame_equal(cached_run(lm, records, "unedited"), computed)
 
 
+def test_agreement_compares_the_same_records_score_by_score() -> None:
+    live = pd.DataFrame({"case_id": [3, 1], "method": "memit", "es": [1.0, 0.0], "nm": [0.5, 0.25], "ge": [6.0, 5.0]})
+    stored = pd.DataFrame({"case_id": [1, 3], "es": [0.0, 1.0], "nm": [0.2, 0.5]})  # other order, no GE
+    table = experiments.agreement(live, stored)
+    assert list(table.index) == ["es", "nm"]  # scores both have; method and case_id are not scores
+    assert table.loc["nm", "largest |difference|"] == pytest.approx(0.05)
+    assert table.loc["es"].tolist() == [0.5, 0.5, 0.0]
+    with pytest.raises(ValueError, match="same records"):
+        experiments.agreement(live, stored.iloc[:1])
+
+
 def test_the_committed_cells_are_the_small_plans_sweep_and_intact(smollm: LoadedModel) -> None:
     # Notebooks 04-05 read this sweep; a change of the plan, the fact set or a default that is not followed by
     # scripts/commit_cells.py would make every fresh clone compute it again (correct, but ten minutes slower).
