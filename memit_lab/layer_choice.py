@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from .cache import cache_root
 from .facts import KNOWN_FACTS
+from .hooks import TraceDict
 from .hparams import MemitHyperParams, default_layers
 from .models import LoadedModel
 from .prompts import subject_token_span
@@ -41,6 +42,7 @@ from .tracing import FactLike, cached_json, check_facts, check_trace_settings, e
 __all__ = [
     "LayerRecommendation",
     "NoTraceableFactsError",
+    "first_mlp_share",
     "memit_defaults",
     "recommend_layers",
     "traced_memit_hparams",
@@ -223,6 +225,54 @@ def _recommend(
     per_fact = torch.stack(columns)
     effect = per_fact.mean(0)
     return LayerRecommendation(_best_window(effect, n), effect, per_fact, n, samples, noise, seed)
+
+
+# --- the layer-0 confound ----------------------------------------------------------------------------------------
+
+
+def first_mlp_share(lm: LoadedModel, facts: Sequence[FactLike]) -> pd.DataFrame:
+    """How much of block 0's output at each fact's last subject token is MLP 0's output (clean run).
+
+    Where ``|m^0| >> |embedding|`` and ``cos(m^0, h^1) ~ 1`` (h^1: block 0's output, eq. 2), block 0
+    writes the token's state almost entirely through MLP 0: restoring MLP 0's output at a
+    corrupted token then restores that token's own state, i.e. undoes the corruption, whatever
+    the later layers do with it. A window of MLPs holding layer 0 can score high in a trace for
+    that reason alone (the layer-0 confound), so its score does not locate recall.
+
+    Returns:
+        one row per fact: ``token``, ``mlp0_over_embedding`` (``|m^0| / |e|``) and
+        ``cos_mlp0_block0`` (cosine of m^0 and h^1), at the last subject token.
+
+    Example:
+        >>> from memit_lab import load_model
+        >>> from memit_lab.facts import KNOWN_FACTS
+        >>> list(first_mlp_share(load_model("tiny-llama"), KNOWN_FACTS[:2]).columns)
+        ['prompt', 'token', 'mlp0_over_embedding', 'cos_mlp0_block0']
+    """
+    a = lm.adapter
+    names = [a.embed, a.mlp_module(0), a.block(0)]
+    rows = []
+    for fact in check_facts(facts):
+        ids = lm.tokenizer(fact.prompt, return_tensors="pt").input_ids.to(lm.device)
+        last = subject_token_span(lm.tokenizer, fact.prompt, fact.subject)[1] - 1
+        with torch.no_grad(), TraceDict(lm.model, names) as seen:
+            lm.model(ids)
+        embedding, mlp, block = (_output(seen[name].output)[0, last].double() for name in names)
+        rows.append(
+            {
+                "prompt": fact.prompt,
+                "token": lm.tokenizer.decode(ids[0, last]),
+                "mlp0_over_embedding": float(mlp.norm() / embedding.norm()),
+                "cos_mlp0_block0": float(torch.cosine_similarity(mlp, block, dim=0)),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _output(recorded: torch.Tensor | None) -> torch.Tensor:
+    if recorded is None:  # TraceDict retains outputs by default: a forward pass that skipped the module
+        raise RuntimeError("the forward pass did not run a module first_mlp_share reads")
+    return recorded
 
 
 # --- the defaults of a model without measured ones ---------------------------------------------------------------

@@ -3,8 +3,10 @@
 Three runs of one prompt (ROME, Meng et al. 2022, section 2.1):
 
 * clean: the prompt as it is; the model gives the target ``o`` probability ``P[o]``;
-* corrupted: Gaussian noise (ROME: 3 x the standard deviation of the embeddings) is
-  added to the subject tokens' embeddings; ``P*[o]`` falls;
+* corrupted: Gaussian noise (3 x a standard deviation of the embeddings: of all embedding
+  weights by default, :func:`embedding_noise`; ROME's code takes it over the embeddings of
+  known subjects, :func:`subject_embedding_noise`) is added to the subject tokens'
+  embeddings; ``P*[o]`` falls;
 * corrupted-with-restoration: as corrupted, but one state is set back to its clean
   value -- the hidden state h_i^l (eq. 2), the MLP output m_i^l (eq. 4) or the
   attention output a_i^l (eq. 3), the last two summed over a window of layers centred
@@ -75,6 +77,7 @@ __all__ = [
     "embedding_noise",
     "restored_prob",
     "restored_window",
+    "subject_embedding_noise",
     "trace",
     "trace_all",
 ]
@@ -113,7 +116,7 @@ class FactLike(Protocol):
 
 
 def embedding_noise(lm: LoadedModel, factor: float = 3.0, *, use_cache: bool = True) -> float:
-    """ROME's noise scale: ``factor`` x the standard deviation of the token embedding weights.
+    """memit_lab's noise scale: ``factor`` x the standard deviation of all the token embedding weights.
 
     The standard deviation is measured once per model (in float64; over a second for the
     bundled model's 28M embedding weights) and kept in the on-disk cache under the model's
@@ -132,6 +135,51 @@ def embedding_noise(lm: LoadedModel, factor: float = 3.0, *, use_cache: bool = T
         return factor * _embedding_std(lm)
     folder = cache_root() / "tracing" / f"embedding-std-{lm.fingerprint()}"
     return factor * cached_json(folder, "std.json", lambda: {"std": _embedding_std(lm)})["std"]
+
+
+def subject_embedding_noise(
+    lm: LoadedModel, subjects: Sequence[str] | None = None, factor: float = 3.0, *, use_cache: bool = True
+) -> float:
+    """ROME's own noise scale: ``factor`` x the standard deviation of the embedding outputs at subject tokens.
+
+    The definition of ROME's code (``collect_embedding_std``): each subject is tokenized on its
+    own, the embedding layer's outputs at all its tokens are pooled over the subjects, and the
+    standard deviation is taken over every entry of the pool. Subjects default to those of
+    :data:`memit_lab.facts.KNOWN_FACTS`, one per fact (a subject of two facts counts twice, as in
+    ROME's list of known facts). No special tokens are added: a BOS row is not a subject token.
+    With the default subjects the value is cached on disk under the model's fingerprint.
+    :func:`embedding_noise` is the other scale (all embedding weights), :func:`trace`'s default.
+
+    Example:
+        >>> from memit_lab import load_model
+        >>> lm = load_model("tiny-llama")
+        >>> ids = lm.tokenizer(["Paris", "Rome"], add_special_tokens=False).input_ids
+        >>> rows = lm.model.get_input_embeddings().weight[sum(ids, [])]
+        >>> abs(subject_embedding_noise(lm, ["Paris", "Rome"]) - 3 * float(rows.double().std())) < 1e-9
+        True
+    """
+    if not (math.isfinite(factor) and factor > 0):
+        raise ValueError(f"factor must be a positive number of standard deviations, got {factor!r}")
+    if subjects is not None:
+        return factor * _subject_embedding_std(lm, list(subjects))
+    from .facts import KNOWN_FACTS
+
+    known = [f.subject for f in KNOWN_FACTS]
+    if not use_cache:
+        return factor * _subject_embedding_std(lm, known)
+    folder = cache_root() / "tracing" / f"subject-embedding-std-{lm.fingerprint()}"
+    return factor * cached_json(folder, "std.json", lambda: {"std": _subject_embedding_std(lm, known)})["std"]
+
+
+def _subject_embedding_std(lm: LoadedModel, subjects: list[str]) -> float:
+    """Standard deviation (float64, n - 1) of every entry of the embedding outputs at the subjects' tokens."""
+    if not subjects or not all(isinstance(s, str) and s.strip() for s in subjects):
+        raise ValueError("subjects must be a non-empty list of non-empty strings (the subjects of known facts)")
+    ids = lm.tokenizer(subjects, add_special_tokens=False).input_ids
+    tokens = torch.tensor([t for row in ids for t in row], device=lm.device)
+    with torch.no_grad():
+        pooled = lm.model.get_input_embeddings()(tokens).double()
+    return float(pooled.std())
 
 
 def _embedding_std(lm: LoadedModel) -> float:

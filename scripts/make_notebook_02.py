@@ -34,7 +34,7 @@ This notebook traces the bundled model (SmolLM2-135M, 30 layers):
 2. the same fact traced three ways: hidden states, MLP outputs, attention outputs (ROME figure 1);
 3. the *severed* comparison that separates the MLP path from the attention path (ROME figure 3);
 4. the average indirect effect over 20 facts the model knows (ROME figure 2);
-5. the edit layers $R$ this evidence recommends for MEMIT, and why;
+5. the edit layers $R$ this evidence recommends for MEMIT, and what it cannot show (the layer-0 confound);
 6. a cell to trace a fact of your own.
 
 Everything is computed by `memit_lab.tracing`. You need notebook 01's picture of the residual stream (eq. 2–6).
@@ -47,13 +47,14 @@ import torch
 
 from memit_lab import load_model
 from memit_lab.facts import KNOWN_FACTS
-from memit_lab.layer_choice import recommend_layers
+from memit_lab.layer_choice import first_mlp_share, recommend_layers
 from memit_lab.memit import MemitHyperParams
 from memit_lab.tracing import (
     KINDS,
     average_indirect_effect,
     embedding_noise,
     restored_prob,
+    subject_embedding_noise,
     trace,
     trace_all,
 )
@@ -73,8 +74,10 @@ For a fact $(s, r, o)$ = (*Eiffel Tower*, *is located in*, *Paris*) and its prom
 
 * **clean run**: the model reads the prompt and gives *Paris* a probability $P[o]$;
 * **corrupted run**: Gaussian noise is added to the **embeddings of the subject's tokens**, so the model no longer
-  "sees" which landmark is meant; $P_*[o]$ falls. ROME's noise has a standard deviation of 3 × the standard deviation
-  of the embedding weights, enough to wipe out the subject while leaving the rest of the prompt intact;
+  "sees" which landmark is meant; $P_*[o]$ falls. The noise's standard deviation is 3 × a standard deviation of the
+  embeddings: ROME's code takes it over the embeddings of its known facts' subjects (`subject_embedding_noise`),
+  memit_lab's default over all embedding weights (`embedding_noise`). The cell below prints both; the traces here use
+  the default, and section 5 repeats the layer choice with ROME's;
 * **corrupted-with-restoration run**: corrupted, except that one internal state — the hidden state $h_i^l$ of
   token $i$ after block $l$ (eq. 2), or the MLP outputs $m_i^l$ (eq. 4), or the attention outputs $a_i^l$ (eq. 3)
   of a window of 10 layers around $l$ — is set back to its clean value. The probability it recovers, minus $P_*[o]$,
@@ -88,7 +91,8 @@ gives the same numbers.
 code(r"""
 prompt, subject, target = "The Eiffel Tower is located in the city of", "Eiffel Tower", "Paris"
 SAMPLES = 2
-print(f"noise standard deviation: 3 x std(embedding weights) = {embedding_noise(lm):.3f}")
+print(f"noise standard deviation, 3 x std of all embedding weights (default): {embedding_noise(lm):.3f}")
+print(f"noise standard deviation, 3 x std of the known subjects' embeddings (ROME): {subject_embedding_noise(lm):.3f}")
 traces = trace_all(lm, prompt, subject, target, samples=SAMPLES)
 hidden = traces["hidden"]
 start, end = hidden.subject_span
@@ -127,6 +131,8 @@ What to look for (ROME's figure 1 on GPT-2 XL shows the same shapes):
 * **MLP**: bright at the subject in early-to-middle layers — the MLPs there *recall* something about the subject;
 * **attention**: bright at the last token in later layers — attention *moves* what was recalled to where the answer
   is said.
+
+On this model the MLP map is brightest in the windows that hold layer 0; section 5 measures what that means.
 """)
 
 code(r"""
@@ -293,14 +299,62 @@ frame[frame.full_window].nlargest(5, "effect").round(3)
 """)
 
 md(r"""
-How to read the curve: on this model the effect is concentrated in the **very first layers** — the window 0–4
-brings back 0.45 of P(target) on average (± 0.04 over facts), about four times any window that starts at layer 3 or
-later, and the effect fades through the middle of the model. That is ROME's early-MLP picture, pushed even earlier
-than in GPT-2 XL or GPT-J. The standard errors (over facts) show how sure the choice is: here the peak window is many
-standard errors above its neighbours, so the evidence points clearly at the first layers.
+### Check: what do the windows that hold layer 0 measure?
 
-memit_lab's default for the bundled model is this recommendation, $R$ = 0–4 (`MemitHyperParams.for_model`). It was
-chosen by measuring edits, not by the trace alone: on the first 100 records of the fact set edited at once —
+Every full window that holds layer 0 scores high, and the best window without it far lower. Two measurements say
+whether that is recall or something simpler:
+
+* **one MLP at a time** (`n = 1`): what each layer's MLP alone brings back at the last subject token;
+* **what MLP 0 writes** (`first_mlp_share`, clean runs): at the last subject token, the norm of MLP 0's output $m^0$
+  against the token's embedding, and the cosine of $m^0$ with the whole output of block 0 (eq. 2).
+
+The windows are traced again with ROME's noise scale, to see whether the choice depends on it.
+""")
+
+code(r"""
+single = recommend_layers(lm, facts, n=1, samples=SAMPLES)
+rome = recommend_layers(lm, facts, samples=SAMPLES, noise=subject_embedding_noise(lm))
+windows = frame.set_index("window").effect
+rome_windows = rome.to_frame().set_index("window").effect
+share = first_mlp_share(lm, facts)
+others = single.effect[1:]
+print(
+    f"MLP 0 alone brings back {single.effect[0]:.3f} (the window 0-4: {windows['0-4']:.3f}); "
+    f"the best other single MLP, layer {int(others.argmax()) + 1}: {float(others.max()):.3f}"
+)
+print(
+    f"|m^0| / |embedding| at the last subject token: {share.mlp0_over_embedding.min():.0f} to "
+    f"{share.mlp0_over_embedding.max():.0f}; cosine of m^0 with block 0's output: "
+    f"at least {share.cos_mlp0_block0.min():.4f}"
+)
+print(f"R recommended with ROME's noise: layers {rome.layers[0]}-{rome.layers[-1]}")
+pd.DataFrame(
+    {
+        "MLP l alone": single.effect[:10].numpy(),
+        "window l..l+4": [windows[f"{first}-{first + 4}"] for first in range(10)],
+        "window l..l+4, ROME's noise": [rome_windows[f"{first}-{first + 4}"] for first in range(10)],
+    },
+    index=pd.Index(range(10), name="l"),
+).round(3)
+""")
+
+md(r"""
+How to read these numbers. The window 0–4 brings back 0.45 of P(target) on average (± 0.04 over facts), and MLP 0
+alone brings back 0.44 of it: the whole effect. No other single MLP brings back more than 0.016. The measurement of
+what MLP 0 writes says why: at the subject token its output is 24 to 34 times as large as the token's embedding and
+points the way block 0's whole output does (cosine ≥ 0.998). Block 0 writes the token's state through MLP 0, so
+restoring MLP 0's output at a corrupted token restores that token itself: it undoes the corruption, whatever the
+later layers do with the token. This is the **layer-0 confound**, and the windows that hold MLP 0 do not show where
+the fact is recalled. Without layer 0 the picture is weak. Windows 1–5 and 2–6 bring back 0.04–0.06. The best
+windows, 3–7 to 5–9, bring back about 0.11–0.12, an effect spread over several layers that no single one of them
+carries alone. ROME's noise scale (0.358 instead of 0.407) moves no window by more than 0.011 and makes the same
+choice. On this model
+the trace alone does not pin down $R$: ROME's early-MLP picture appears only faintly, in windows 3–9.
+
+`recommend_layers`' rule (the largest window) still picks 0–4, the confound included.
+
+memit_lab's default for the bundled model is also $R$ = 0–4 (`MemitHyperParams.for_model`), but that default was
+chosen by measuring edits, not by the trace: on the first 100 records of the fact set edited at once —
 known to the model or not (the unedited model already scores ES 24.0 on them) — 0–4 scores efficacy 96.0,
 paraphrase 94.5 and neighbourhood 73.4 %, against 94.0, 90.5 and 72.4 % for the earlier default 3–7 (the evidence is
 next to `memit_lab.hparams.MODEL_DEFAULTS`). Notebook 05 and `results/` edit other records, the first 100 facts the
@@ -332,10 +386,13 @@ md(r"""
 ## Summary
 
 * Corrupting the subject's embeddings removes the fact; restoring single states shows where it is carried.
-* Hidden states matter at the subject early and at the last token late; MLP restorations matter at the subject in
-  the early layers (0–3 here); attention restorations at the last token in later layers.
+* Hidden states matter at the subject early and at the last token late; attention restorations matter at the last
+  token in later layers.
+* MLP restorations at the subject score high in every window that holds MLP 0, because MLP 0 writes the token's own
+  state (the layer-0 confound). Without layer 0, windows 3–9 bring back about 0.1: a weak early-middle picture.
 * Freezing later MLPs (severed tracing) removes more of a subject token's effect than freezing later attention.
-* Averaged over facts, `recommend_layers` turns this into MEMIT's edit range $R$ for the bundled model.
+* `recommend_layers` turns the average into a range (0–4 here, the confound included); the bundled model's default
+  $R$ rests on edit quality instead.
 """)
 
 nb = nbf.v4.new_notebook(cells=cells)

@@ -20,8 +20,10 @@ from memit_lab import LoadedModel, SubjectNotFoundError, load_model
 from memit_lab.cache import write_manifest
 from memit_lab.cli import main
 from memit_lab.facts import KNOWN_FACTS, Fact
+from memit_lab.hooks import Trace, TraceDict
 from memit_lab.hparams import MODEL_DEFAULTS, MemitHyperParams, default_layers
-from memit_lab.layer_choice import NoTraceableFactsError, memit_defaults, recommend_layers
+from memit_lab.layer_choice import NoTraceableFactsError, first_mlp_share, memit_defaults, recommend_layers
+from memit_lab.prompts import subject_token_span
 from memit_lab.residual import resolve_target
 from memit_lab.tracing import (
     CATEGORIES,
@@ -29,6 +31,7 @@ from memit_lab.tracing import (
     category_positions,
     embedding_noise,
     restored_prob,
+    subject_embedding_noise,
     trace,
     trace_all,
 )
@@ -130,6 +133,34 @@ def test_noise_is_seeded_and_scaled() -> None:
     expected = 3 * math.sqrt(float(((weights - weights.mean()) ** 2).sum()) / (weights.numel() - 1))
     assert first.noise == pytest.approx(expected, rel=1e-9) == embedding_noise(lm)
     assert trace(lm, PROMPT, SUBJECT, samples=2, noise=0.5).noise == 0.5
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_rome_noise_scale_is_the_std_of_the_embedding_outputs_at_known_subjects(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # ROME's collect_embedding_std, done the long way: run the model on each subject alone, keep what the embedding
+    # module outputs, pool every subject's rows and take the (n - 1) standard deviation of all their entries.
+    monkeypatch.setenv("MEMIT_LAB_CACHE", str(tmp_path))
+    lm = load_model(name)
+    pooled = []
+    for fact in KNOWN_FACTS:
+        ids = torch.tensor([lm.tokenizer.encode(fact.subject, add_special_tokens=False)])
+        with torch.no_grad(), Trace(lm.model, lm.adapter.embed) as seen:
+            lm.model(ids)
+        pooled.append(seen.output[0].double())
+    expected = 3 * float(torch.cat(pooled).std())
+    assert subject_embedding_noise(lm) == pytest.approx(expected, rel=1e-9)
+    assert subject_embedding_noise(lm, use_cache=False) == pytest.approx(expected, rel=1e-9)
+    (stored,) = (tmp_path / "tracing").glob("subject-embedding-std-*/std.json")  # cached per model
+    assert json.loads(stored.read_text())["std"] == pytest.approx(expected / 3, rel=1e-9)
+    assert subject_embedding_noise(lm, factor=1.5) == pytest.approx(expected / 2, rel=1e-9)
+    assert subject_embedding_noise(lm, ["Paris"]) != pytest.approx(expected, rel=1e-3)  # its own subjects: not cached
+    for bad in ([], ["  "]):
+        with pytest.raises(ValueError, match="non-empty list"):
+            subject_embedding_noise(lm, bad)
+    with pytest.raises(ValueError, match="positive number"):
+        subject_embedding_noise(lm, factor=0.0)
 
 
 def test_noise_scale_is_measured_once_per_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -323,3 +354,35 @@ def test_cli_trace_prints_peaks_and_writes_the_figure(tmp_path: Path, capsys: py
     assert out.read_bytes()[:4] == b"\x89PNG"
     assert main(["trace", "--model", "tiny-gpt2", "--prompt", PROMPT, "--subject", "Big Ben"]) == 2
     assert "does not occur in prompt" in capsys.readouterr().err
+
+
+def test_first_mlp_share_is_mlp_0_against_the_embedding_and_block_0_output() -> None:
+    lm = load_model("tiny-llama")
+    facts = KNOWN_FACTS[:3]
+    a = lm.adapter
+    names = [a.embed, a.attn_module(0), a.mlp_module(0), a.block(0)]
+    expected_ratio, expected_cos = [], []
+    for fact in facts:
+        ids = lm.tokenizer(fact.prompt, return_tensors="pt").input_ids
+        last = subject_token_span(lm.tokenizer, fact.prompt, fact.subject)[1] - 1
+        with torch.no_grad(), TraceDict(lm.model, names) as seen:
+            lm.model(ids)
+        e, attn, m, h = (seen[n].output[0, last].double() for n in names)
+        assert torch.allclose(e + attn + m, h, atol=1e-5)  # a Llama block: h^1 = e + a^0 + m^0 (eq. 2)
+        expected_ratio.append(float(m.norm() / e.norm()))
+        expected_cos.append(float(m @ (e + attn + m) / (m.norm() * (e + attn + m).norm())))
+    share = first_mlp_share(lm, facts)
+    assert share.mlp0_over_embedding.tolist() == pytest.approx(expected_ratio, rel=1e-9)
+    assert share.cos_mlp0_block0.tolist() == pytest.approx(expected_cos, abs=1e-6)
+    with torch.no_grad():  # m^0 is linear in MLP 0's W_out: twice the weights, twice the ratio
+        a.w_out_parameter(lm.model, 0).mul_(2.0)
+    assert first_mlp_share(lm, facts).mlp0_over_embedding.tolist() == pytest.approx(
+        [2 * r for r in expected_ratio], rel=1e-6
+    )
+
+
+@pytest.mark.slow
+def test_block_0_writes_the_subject_token_through_mlp_0_on_the_bundled_model(smollm: LoadedModel) -> None:
+    # Notebook 02's reading of the layer-0 confound rests on this measurement (20 traced facts there; 8 here).
+    share = first_mlp_share(smollm, KNOWN_FACTS[19:27])
+    assert share.mlp0_over_embedding.min() > 10 and share.cos_mlp0_block0.min() > 0.99
