@@ -340,16 +340,16 @@ pd.DataFrame(
 
 md(r"""
 How to read these numbers. The window 0–4 brings back 0.45 of P(target) on average (± 0.04 over facts), and MLP 0
-alone brings back 0.44 of it: the whole effect. No other single MLP brings back more than 0.016. The measurement of
-what MLP 0 writes says why: at the subject token its output is 24 to 34 times as large as the token's embedding and
+alone brings back 0.44 of it, nearly all. No other single MLP brings back more than 0.016. The measurement of what
+MLP 0 writes says why: at the last subject token its output is 24 to 34 times as large as the token's embedding and
 points the way block 0's whole output does (cosine ≥ 0.998). Block 0 writes the token's state through MLP 0, so
-restoring MLP 0's output at a corrupted token restores that token itself: it undoes the corruption, whatever the
-later layers do with the token. This is the **layer-0 confound**, and the windows that hold MLP 0 do not show where
-the fact is recalled. Without layer 0 the picture is weak. Windows 1–5 and 2–6 bring back 0.04–0.06. The best
-windows, 3–7 to 5–9, bring back about 0.11–0.12, an effect spread over several layers that no single one of them
-carries alone. ROME's noise scale (0.358 instead of 0.407) moves no window by more than 0.011 and makes the same
-choice. On this model
-the trace alone does not pin down $R$: ROME's early-MLP picture appears only faintly, in windows 3–9.
+restoring MLP 0's output at a corrupted token gives back most of that token's clean state: it largely undoes the
+corruption itself, whatever the later layers do with the token. This is the **layer-0 confound**, and the windows
+that hold MLP 0 do not show where the fact is recalled. Without layer 0 the picture is weak. Windows 1–5 and 2–6
+bring back 0.04–0.06. The best windows, 3–7 to 5–9, bring back about 0.11–0.12, an effect spread over several layers
+that no single one of them carries alone. ROME's noise scale (0.358 instead of 0.407) moves no window by more than
+0.011 and makes the same choice. On this model the trace alone does not pin down $R$: ROME's early-MLP picture
+appears only faintly, in windows 3–9.
 
 `recommend_layers`' rule (the largest window) still picks 0–4, the confound included.
 
