@@ -270,7 +270,7 @@ def first_mlp_share(lm: LoadedModel, facts: Sequence[FactLike]) -> pd.DataFrame:
 
 
 def _output(recorded: torch.Tensor | None) -> torch.Tensor:
-    if recorded is None:  # TraceDict retains outputs by default: a forward pass that skipped the module
+    if recorded is None:  # only where the forward pass never reached the module
         raise RuntimeError("the forward pass did not run a module first_mlp_share reads")
     return recorded
 

@@ -57,6 +57,7 @@ from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
 from .cache import atomic_dir, cache_root, locked, read_manifest, write_manifest
+from .facts import KNOWN_FACTS
 from .hooks import Trace, TraceDict
 from .models import LoadedModel
 from .prompts import check_prompt, subject_token_span
@@ -162,8 +163,6 @@ def subject_embedding_noise(
         raise ValueError(f"factor must be a positive number of standard deviations, got {factor!r}")
     if subjects is not None:
         return factor * _subject_embedding_std(lm, list(subjects))
-    from .facts import KNOWN_FACTS
-
     known = [f.subject for f in KNOWN_FACTS]
     if not use_cache:
         return factor * _subject_embedding_std(lm, known)
